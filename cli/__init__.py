@@ -1,0 +1,5 @@
+"""The ``partserve`` command line."""
+
+from cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,185 @@
+"""``partserve`` commands: each prints a table, or JSON with ``--json``; user errors exit with code 2."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+import numpy as np
+
+from cli.output import (
+    console,
+    domain_errors,
+    emit_json,
+    human_bytes,
+    parse_bytes,
+    progress_bar,
+    table,
+)
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON only.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="partserve")
+def main() -> None:
+    """Cut a PyTorch model into balanced stages and serve them as a pipeline on Ray Serve."""
+
+
+def _model_options(pairs: tuple[str, ...], named: dict[str, Any]) -> dict[str, Any]:
+    options = {k: v for k, v in named.items() if v is not None}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="-O")
+        try:
+            options[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = raw
+    return options
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, help="Plan directory: a path or s3://, gs://, hdfs:// URI.")
+@click.option("--stages", type=click.IntRange(min=1), help="Number of stages (default: fewest under the cap).")
+@click.option("--max-stage-memory", help="Cap on weights + peak activations per stage, e.g. 2GiB.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Batch the costs are measured at (samples).",
+)
+@click.option("--device", default="auto", show_default=True, help="Device to profile on: auto, cpu, cuda.")
+@click.option(
+    "--bandwidth-gbps",
+    type=click.FloatRange(min=1e-6),
+    default=1.0,
+    show_default=True,
+    help="Link bandwidth between stages (GB/s) for transfer costs.",
+)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repeats per node.")
+@click.option("--layers", type=int, help="Model option: number of layers (zoo transformer).")
+@click.option("--width", type=int, help="Model option: hidden width.")
+@click.option("--seq-len", type=int, help="Model option: sequence length.")
+@click.option("-O", "--model-option", "model_opts", multiple=True, help="Model option KEY=VALUE (repeatable).")
+@json_option
+@domain_errors
+def plan(
+    model: str,
+    out: str,
+    stages: int | None,
+    max_stage_memory: str | None,
+    batch_size: int,
+    device: str,
+    bandwidth_gbps: float,
+    repeats: int,
+    layers: int | None,
+    width: int | None,
+    seq_len: int | None,
+    model_opts: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Profile MODEL and write an optimal stage plan with one weight shard per stage to OUTPUT.
+
+    MODEL is a zoo name (see `partserve zoo`), package.module:factory, or a Hugging Face model directory.
+    """
+    from partitions.errors import PlanError
+    from partitions.partition import PlanOptions, build_plan
+    from partitions.source import load_model
+
+    cap = parse_bytes(max_stage_memory) if max_stage_memory else None
+    if stages is None and cap is None:
+        raise PlanError("neither --stages nor --max-stage-memory was given", "pass one of them (or both)")
+    options = _model_options(model_opts, {"layers": layers, "width": width, "seq_len": seq_len})
+    source = load_model(model, options, batch_size)
+    opts = PlanOptions(
+        stages=stages, max_stage_bytes=cap, device=device, bandwidth_bytes_per_ms=bandwidth_gbps * 1e6, repeats=repeats
+    )
+    with progress_bar(not as_json) as progress:
+        result = build_plan(source, out, opts, progress)
+    if as_json:
+        emit_json(json.loads(result.to_json()))
+        return
+    m = result.model
+    console.print(f"captured [bold]{m['spec']}[/bold] by {m['capture']}: {m['capture_reason']}", highlight=False)
+    rows = [
+        [
+            s.index,
+            f"{s.node_range[0]}:{s.node_range[1]}",
+            result.nodes[s.node_range[0]]["module"] or "-",
+            f"{s.params / 1e6:.2f}M",
+            human_bytes(s.memory_bytes),
+            human_bytes(s.transfer_bytes),
+            f"{s.cost_ms:.2f}",
+            f"{s.measured_ms:.2f}",
+            f"{s.gpu_fraction:.2f}",
+        ]
+        for s in result.stages
+    ]
+    console.print(
+        table(
+            f"plan for {m['spec']} at batch {result.batch_size} on {result.device}",
+            ["stage", "nodes", "starts at", "params", "memory", "sends", "cost ms", "measured", "gpu"],
+            rows,
+        )
+    )
+    s = result.summary
+    console.print(
+        f"bottleneck {s['bottleneck_ms']:.2f} ms, balance (bottleneck/mean) {s['balance']:.3f} planned, "
+        f"{s['measured_balance']:.3f} measured; {s['throughput_samples_per_s']:.1f} samples/s; "
+        f"weights {human_bytes(s['weight_bytes'])} in shards of {human_bytes(s['shard_weight_bytes'])}; "
+        f"wrote {out}",
+        highlight=False,
+    )
+
+
+@main.command()
+@click.argument("plan_dir")
+@click.option(
+    "--inputs",
+    "inputs_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="An .npz file of named input arrays to check as well.",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--tolerance", type=float, default=1e-6, show_default=True, help="Max relative error to pass.")
+@json_option
+@domain_errors
+def verify(plan_dir: str, inputs_path: str | None, device: str, tolerance: float, as_json: bool) -> None:
+    """Run the stages of PLAN_DIR in sequence and compare with the original model."""
+    from partitions.verify import verify as run_verify
+
+    user = dict(np.load(inputs_path, allow_pickle=False)) if inputs_path else None
+    report = run_verify(plan_dir, user, device, tolerance)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        rows = [[c.name, c.batch, f"{c.max_abs_error:.3g}", f"{c.max_rel_error:.3g}"] for c in report.cases]
+        console.print(table(f"verify {plan_dir}", ["inputs", "batch", "max abs error", "max rel error"], rows))
+        verdict = "[green]passed[/green]" if report.passed else "[red]FAILED[/red]"
+        console.print(f"{verdict}: max relative error {report.max_rel_error:.3g} (tolerance {tolerance:g})")
+    if not report.passed:
+        raise SystemExit(1)
+
+
+@main.command()
+@json_option
+def zoo(as_json: bool) -> None:
+    """List the built-in demo models and their options."""
+    import inspect
+
+    from partitions.zoo import ZOO
+
+    entries = []
+    for name, factory in ZOO.items():
+        params = inspect.signature(factory).parameters
+        opts = {k: p.default for k, p in params.items() if k != "batch_size"}
+        entries.append({"name": name, "description": (factory.__doc__ or "").strip(), "options": opts})
+    if as_json:
+        emit_json(entries)
+        return
+    rows = [[e["name"], e["description"], ", ".join(f"{k}={v}" for k, v in e["options"].items())] for e in entries]
+    console.print(table("model zoo", ["model", "description", "options (-O KEY=VALUE)"], rows))

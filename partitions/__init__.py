@@ -1,0 +1,6 @@
+"""Partitioner: model -> graph -> costs -> plan -> shards.
+
+Read top to bottom: ``source`` (load a model), ``capture`` (graph), ``costs`` (profile),
+``planner`` (pure solver), ``stages`` (cut programs), ``artifacts`` (plan.json + shards),
+``runtime`` (load and run a stage), ``verify``. ``build_plan`` in ``partition`` joins them.
+"""

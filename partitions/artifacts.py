@@ -1,0 +1,106 @@
+"""Plan directories through pyarrow.fs: local paths or s3://, gs://, hdfs:// URIs.
+
+A plan directory holds ``plan.json`` and one shard per stage. Shards never execute code when loaded: an
+exported program (``torch.export`` archive: a JSON graph plus raw tensors) or, for stages that do not
+export, the stage's weights in safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+
+import pyarrow.fs as pafs
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from partitions.errors import ArtifactError
+from partitions.plan import PLAN_FILE, Artifact, Plan
+
+EXPORTED = "exported-program"
+MODULE_WEIGHTS = "module-weights"
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path behind ``uri``; a plain path is local and may be relative."""
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ArtifactError(
+            f"cannot open {uri!r} ({exc})", "pass a local path or an s3://, gs:// or hdfs:// URI"
+        ) from exc
+
+
+def write_file(uri: str, name: str, data: bytes) -> None:
+    fs, base = resolve(uri)
+    fs.create_dir(base, recursive=True)
+    with fs.open_output_stream(f"{base}/{name}") as f:
+        f.write(data)
+
+
+def read_file(uri: str, name: str) -> bytes:
+    fs, base = resolve(uri)
+    try:
+        with fs.open_input_stream(f"{base}/{name}") as f:
+            return f.readall()
+    except (FileNotFoundError, OSError) as exc:
+        raise ArtifactError(f"cannot read {name} in {uri!r} ({exc})", "run partserve plan MODEL -o DIR first") from exc
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_plan(uri: str) -> Plan:
+    return Plan.from_json(read_file(uri, PLAN_FILE).decode())
+
+
+def write_plan(uri: str, plan: Plan) -> None:
+    write_file(uri, PLAN_FILE, plan.to_json().encode())
+
+
+def encode_stage(gm: nn.Module, example: Sequence[torch.Tensor], children: list[str] | None) -> tuple[bytes, str]:
+    """Serialise a stage: an exported program with a dynamic batch, else the weights of ``children``."""
+    batch = torch.export.Dim("batch")
+    try:
+        ep = torch.export.export(gm, tuple(example), dynamic_shapes=tuple({0: batch} for _ in example))
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+        return buf.getvalue(), EXPORTED
+    except Exception:
+        if children is None:
+            raise
+    state = {k: v.detach().contiguous() for k, v in gm.state_dict().items()}
+    return save_safetensors(state), MODULE_WEIGHTS
+
+
+def read_shard(uri: str, artifact: Artifact) -> bytes:
+    """The shard's bytes, refused unless they match the hash recorded in plan.json."""
+    data = read_file(uri, artifact.path)
+    digest = sha256(data)
+    if digest != artifact.sha256:
+        raise ArtifactError(
+            f"shard {artifact.path} has sha256 {digest[:12]}…, plan.json records {artifact.sha256[:12]}…",
+            "the shard was modified or corrupted; re-run partserve plan",
+        )
+    return data
+
+
+def decode_stage(data: bytes, artifact: Artifact, rebuild_children) -> nn.Module:
+    """A module that runs the stage; ``rebuild_children()`` returns the stage's modules on the meta device."""
+    if artifact.format == EXPORTED:
+        return torch.export.load(io.BytesIO(data)).module()
+    if artifact.format == MODULE_WEIGHTS:
+        stage = nn.Sequential()
+        for name, child in zip(artifact.children, rebuild_children()):
+            stage.add_module(name, child)
+        stage = stage.to_empty(device="cpu")
+        stage.load_state_dict(load_safetensors(data), strict=True)
+        return stage
+    raise ArtifactError(f"unknown shard format {artifact.format!r}", "re-run partserve plan with this version")

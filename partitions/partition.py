@@ -1,0 +1,239 @@
+"""Join the steps: model -> graph -> costs -> plan -> shards. The only module that knows them all."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+
+from partitions import artifacts
+from partitions.capture import CapturedGraph, capture
+from partitions.costs import NodeCost, measure_ms, profile
+from partitions.plan import Artifact, Plan, Stage
+from partitions.planner import Partition, Problem, solve
+from partitions.runtime import pick_device
+from partitions.source import ModelSource
+from partitions.stages import stage_program
+from partitions.types import Bytes, TensorSpec
+
+Progress = Callable[[str, int, int], None]
+"""``progress(step, done, total)``: reports long steps (profiling passes, stage exports)."""
+
+
+@dataclass
+class PlanOptions:
+    stages: int | None = None
+    max_stage_bytes: Bytes | None = None
+    device: str | None = None
+    bandwidth_bytes_per_ms: float = 1e6
+    """1e6 bytes/ms = 1 GB/s, a conservative figure for activations through Ray's object store."""
+    repeats: int = 5
+    warmup: int = 2
+    refine: int = 2
+    """Rounds of profile-guided refinement: time the planned stages whole, rescale node costs to match, re-plan."""
+
+
+def problem_of(cg: CapturedGraph, costs: list[NodeCost], batch_size: int, bandwidth: float) -> Problem:
+    """The planner's pure input: per-unit costs and the tensor edges between units."""
+    edges = [(v.producer, v.last_use, v.spec.sample_bytes() * batch_size) for v in cg.values.values()]
+    return Problem(
+        compute_ms=[c.latency_ms for c in costs],
+        weight_bytes=[c.param_bytes for c in costs],
+        activation_bytes=[c.activation_bytes for c in costs],
+        edges=edges,
+        bandwidth_bytes_per_ms=bandwidth,
+    )
+
+
+def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progress | None = None) -> Plan:
+    """Capture, profile and partition ``source``, then write plan.json and one shard per stage to ``uri``."""
+    report = progress or (lambda step, done, total: None)
+    device = pick_device(opts.device)
+    batch_size = next(iter(source.example_inputs.values())).shape[0]
+    report("capture", 0, 1)
+    cg = capture(source)
+    report("capture", 1, 1)
+    source.module.to(device)
+    inputs = [x.to(device) for x in source.example_inputs.values()]
+    passes = opts.warmup + opts.repeats
+    costs = profile(cg, inputs, device, opts.repeats, opts.warmup, lambda i: report("profile", i, passes))
+    whole_ms = measure_ms(
+        lambda: source.forward(dict(zip(source.example_inputs, inputs))), device, opts.repeats, opts.warmup
+    )
+    example = dict(zip(source.example_inputs, inputs))
+    part, costs, measured = _refine(cg, costs, example, batch_size, device, opts, report)
+    stages = _write_stages(cg, part, costs, measured, example, uri, device, opts, report)
+    plan = Plan(
+        model={
+            "spec": source.spec,
+            "options": source.options,
+            "kind": source.kind,
+            "capture": cg.method,
+            "capture_reason": cg.reason,
+        },
+        device=str(device),
+        batch_size=batch_size,
+        bandwidth_bytes_per_ms=opts.bandwidth_bytes_per_ms,
+        max_stage_bytes=opts.max_stage_bytes,
+        inputs=cg.inputs,
+        outputs=cg.outputs,
+        output_values=cg.output_values,
+        input_ranges=dict(source.int_ranges),
+        nodes=[c.to_json() for c in costs],
+        stages=stages,
+        summary=_summary(part, stages, costs, whole_ms, batch_size),
+    )
+    problems = plan.problems()
+    assert not problems, problems
+    artifacts.write_plan(uri, plan)
+    return plan
+
+
+def _refine(
+    cg: CapturedGraph,
+    costs: list[NodeCost],
+    example: dict[str, torch.Tensor],
+    batch_size: int,
+    device: torch.device,
+    opts: PlanOptions,
+    report: Progress,
+) -> tuple[Partition, list[NodeCost], list[float]]:
+    """Plan, time each stage as a whole, scale its nodes' latencies to that time, and plan again.
+
+    Per-node timings miss fusion and cache effects and add per-call overhead; whole-stage timings do not.
+    Returns the candidate with the lowest measured bottleneck, its calibrated costs and stage times (ms).
+    """
+    best: tuple[Partition, list[NodeCost], list[float]] | None = None
+    for round_ in range(opts.refine + 1):
+        report("plan", round_, opts.refine + 1)
+        part = solve(problem_of(cg, costs, batch_size, opts.bandwidth_bytes_per_ms), opts.stages, opts.max_stage_bytes)
+        measured = _measure_stages(cg, part, example, device, opts)
+        if best is None or max(measured) < max(best[2]):
+            best = (part, costs, measured)
+        costs = _calibrate(costs, part, measured)
+    report("plan", opts.refine + 1, opts.refine + 1)
+    assert best is not None
+    return best
+
+
+def _calibrate(costs: list[NodeCost], part: Partition, measured: list[float]) -> list[NodeCost]:
+    """Scale each stage's node latencies so they sum to the stage's measured time."""
+    out = list(costs)
+    for (a, b), ms in zip(zip(part.bounds[:-1], part.bounds[1:]), measured):
+        total = sum(c.latency_ms for c in costs[a:b])
+        factor = ms / total if total > 0 else 1.0
+        out[a:b] = [replace(c, latency_ms=c.latency_ms * factor) for c in costs[a:b]]
+    return out
+
+
+def _measure_stages(
+    cg: CapturedGraph, part: Partition, payload: dict[str, torch.Tensor], device: torch.device, opts: PlanOptions
+) -> list[float]:
+    """Median wall time (ms) of each stage program on the example batch.
+
+    Stages are timed round-robin, one call each per round, so drift in machine load hits them alike.
+    """
+    calls = []
+    for a, b in zip(part.bounds[:-1], part.bounds[1:]):
+        program = stage_program(cg, a, b)
+        args = [payload[name] for name in program.inputs]
+        with torch.no_grad():
+            outs = program.gm(*args)
+        calls.append(partial(program.gm, *args))
+        payload = {**{k: payload[k] for k in program.carried}, **dict(zip(program.computed, outs))}
+    warm = max(opts.warmup, 1)
+    rounds = [[measure_ms(call, device, repeats=1, warmup=0) for call in calls] for _ in range(warm + opts.repeats)]
+    rounds = rounds[warm:]
+    return [statistics.median(r[i] for r in rounds) for i in range(len(calls))]
+
+
+def _write_stages(
+    cg: CapturedGraph,
+    part: Partition,
+    costs: list[NodeCost],
+    measured: list[float],
+    payload: dict[str, torch.Tensor],
+    uri: str,
+    device: torch.device,
+    opts: PlanOptions,
+    report: Progress,
+) -> list[Stage]:
+    stages: list[Stage] = []
+    shares = _gpu_fractions(part.memory_bytes)
+    spans = list(zip(part.bounds[:-1], part.bounds[1:]))
+    for i, (a, b) in enumerate(spans):
+        report("export stages", i, len(spans))
+        program = stage_program(cg, a, b)
+        args = [payload[name] for name in program.inputs]
+        with torch.no_grad():  # not inference_mode: export refuses inference tensors as examples
+            outs = program.gm(*args)
+        children = _children(cg, a, b) if cg.method == "modules" else None
+        data, fmt = artifacts.encode_stage(program.gm, args, children)
+        name = f"stage-{i:03d}" + (".pt2" if fmt == artifacts.EXPORTED else ".safetensors")
+        artifacts.write_file(uri, name, data)
+        weights = [p for p in program.gm.state_dict().values()]
+        stage_costs = costs[a:b]
+        stages.append(
+            Stage(
+                index=i,
+                node_range=(a, b),
+                inputs=[_spec(cg, n) for n in program.inputs],
+                computed=[_spec(cg, n) for n in program.computed],
+                carried=program.carried,
+                artifact=Artifact(name, fmt, artifacts.sha256(data), len(data), children or []),
+                params=sum(t.numel() for t in weights),
+                weight_bytes=sum(t.numel() * t.element_size() for t in weights),
+                memory_bytes=part.memory_bytes[i],
+                compute_ms=sum(c.latency_ms for c in stage_costs),
+                transfer_bytes=part.transfer_bytes[i],
+                cost_ms=part.cost_ms[i],
+                measured_ms=measured[i],
+                gpu_fraction=shares[i],
+            )
+        )
+        del data
+        payload = {**{k: payload[k] for k in program.carried}, **dict(zip(program.computed, outs))}
+    report("export stages", len(spans), len(spans))
+    return stages
+
+
+def _spec(cg: CapturedGraph, name: str) -> TensorSpec:
+    if name in cg.values:
+        return cg.values[name].spec
+    return next(t for t in cg.inputs if t.name == name)
+
+
+def _children(cg: CapturedGraph, a: int, b: int) -> list[str]:
+    return [str(cg.node(n).target) for u in cg.units[a:b] for n in u.nodes if cg.node(n).op == "call_module"]
+
+
+def _gpu_fractions(memory: tuple[int, ...]) -> list[float]:
+    """Memory-proportional shares of one GPU, rounded down to 0.01 so they pack onto it (min 0.01)."""
+    total = sum(memory) or 1
+    return [max(0.01, math.floor(100 * m / total) / 100) for m in memory]
+
+
+def _summary(part: Partition, stages: list[Stage], costs: list[NodeCost], whole_ms: float, batch: int) -> dict:
+    measured = [s.measured_ms for s in stages]
+    planned_mean = statistics.fmean(part.cost_ms)
+    return {
+        "stages": part.stages,
+        "nodes": len(costs),
+        "bottleneck_ms": part.bottleneck_ms,
+        "mean_stage_ms": planned_mean,
+        "balance": part.bottleneck_ms / planned_mean if planned_mean else 1.0,
+        "measured_bottleneck_ms": max(measured),
+        "measured_balance": max(measured) / statistics.fmean(measured) if any(measured) else 1.0,
+        "throughput_samples_per_s": batch * 1e3 / part.bottleneck_ms if part.bottleneck_ms else math.inf,
+        "latency_ms": sum(part.cost_ms),
+        "whole_model_ms": whole_ms,
+        "profiled_ms": sum(c.latency_ms for c in costs),
+        "params": sum(c.params for c in costs),
+        "weight_bytes": sum(c.param_bytes for c in costs),
+        "shard_weight_bytes": sum(s.weight_bytes for s in stages),
+        "shard_bytes": sum(s.artifact.size_bytes for s in stages),
+    }

@@ -1,0 +1,146 @@
+"""The plan: plain, versioned data (``plan.json``), validated before anything loads it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from partitions.errors import ArtifactError
+from partitions.types import Bytes, Ms, TensorSpec
+
+SCHEMA_VERSION = 1
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class Artifact:
+    """One stage's shard: an exported program (``.pt2``) or the weights of module children (safetensors)."""
+
+    path: str
+    """Relative to the plan directory."""
+    format: str
+    """``exported-program`` or ``module-weights``."""
+    sha256: str
+    size_bytes: Bytes
+    children: list[str] = field(default_factory=list)
+    """For ``module-weights``: the ``nn.Sequential`` children the stage runs, in order."""
+
+
+@dataclass
+class Stage:
+    index: int
+    node_range: tuple[int, int]
+    """Nodes ``[start, end)`` of ``Plan.nodes``."""
+    inputs: list[TensorSpec]
+    """What the stage program reads, in its positional order."""
+    computed: list[TensorSpec]
+    """What the stage program returns, in order."""
+    carried: list[str]
+    """Payload entries passed through untouched."""
+    artifact: Artifact
+    params: int
+    weight_bytes: Bytes
+    memory_bytes: Bytes
+    compute_ms: Ms
+    transfer_bytes: Bytes
+    """Bytes sent to the next stage per batch (0 for the last stage)."""
+    cost_ms: Ms
+    """compute_ms + transfer_bytes / bandwidth: the planner's figure."""
+    measured_ms: Ms
+    """Median wall time of the stage program alone at the plan's batch size."""
+    gpu_fraction: float
+
+    @property
+    def sends(self) -> list[str]:
+        return self.carried + [t.name for t in self.computed]
+
+
+@dataclass
+class Plan:
+    model: dict[str, Any]
+    """spec, options, kind, capture method and the reason for it."""
+    device: str
+    batch_size: int
+    bandwidth_bytes_per_ms: float
+    max_stage_bytes: Bytes | None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    output_values: list[str]
+    """Payload key of each output after the last stage."""
+    input_ranges: dict[str, tuple[int, int]]
+    """[low, high) of integer inputs, for random test inputs."""
+    nodes: list[dict[str, Any]]
+    stages: list[Stage]
+    summary: dict[str, Any]
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d = {"schema_version": d.pop("schema_version"), **d}
+        return json.dumps(d, indent=1, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"plan.json is not valid JSON ({exc})", "re-run partserve plan") from exc
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"plan.json has schema version {version}, this partserve reads {SCHEMA_VERSION}",
+                "re-run partserve plan with this version",
+            )
+        specs = lambda xs: [TensorSpec.from_json(x) for x in xs]
+        stages = [
+            Stage(
+                **{
+                    **s,
+                    "node_range": tuple(s["node_range"]),
+                    "inputs": specs(s["inputs"]),
+                    "computed": specs(s["computed"]),
+                    "artifact": Artifact(**s["artifact"]),
+                }
+            )
+            for s in d["stages"]
+        ]
+        plan = cls(
+            **{
+                **d,
+                "inputs": specs(d["inputs"]),
+                "outputs": specs(d["outputs"]),
+                "input_ranges": {k: tuple(v) for k, v in d["input_ranges"].items()},
+                "stages": stages,
+            }
+        )
+        problems = plan.problems()
+        if problems:
+            raise ArtifactError("plan.json is inconsistent: " + "; ".join(problems), "re-run partserve plan")
+        return plan
+
+    def problems(self) -> list[str]:
+        """Everything inconsistent in the plan (empty when it is sound)."""
+        out: list[str] = []
+        expected_start = 0
+        available = {t.name for t in self.inputs}
+        for i, s in enumerate(self.stages):
+            if s.index != i:
+                out.append(f"stage {i} has index {s.index}")
+            start, end = s.node_range
+            if start != expected_start or end <= start:
+                out.append(f"stage {i} covers nodes {start}:{end}, expected to start at {expected_start}")
+            expected_start = end
+            missing = [t.name for t in s.inputs if t.name not in available]
+            missing += [c for c in s.carried if c not in available]
+            if missing:
+                out.append(f"stage {i} needs {missing}, which no earlier stage sends")
+            available = set(s.sends)
+        if expected_start != len(self.nodes):
+            out.append(f"stages cover {expected_start} of {len(self.nodes)} nodes")
+        lost = [v for v in self.output_values if v not in available]
+        if lost:
+            out.append(f"outputs {lost} are not sent by the last stage")
+        if len(self.outputs) != len(self.output_values):
+            out.append(f"{len(self.outputs)} outputs but {len(self.output_values)} output values")
+        return out

@@ -1,0 +1,87 @@
+"""Load one stage from a plan directory and run it on numpy payloads.
+
+A payload is a ``dict[str, np.ndarray]`` keyed by value name; every array has the batch as dimension 0.
+A stage reads its inputs from the payload and returns the next payload: what it carries plus what it
+computes. Serving and ``verify`` use the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from partitions.artifacts import decode_stage, read_plan, read_shard
+from partitions.plan import Plan
+
+Payload = dict[str, np.ndarray]
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """``preferred`` if usable, else CUDA when present, else CPU (also when Ray assigned a GPU id but CUDA
+    is absent)."""
+    if preferred and preferred != "auto":
+        device = torch.device(preferred)
+        if device.type != "cuda" or torch.cuda.is_available():
+            return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class StageRunner:
+    """Runs stage ``index`` of the plan at ``uri``; loads only that stage's shard."""
+
+    def __init__(self, uri: str, index: int, device: str | None = None, plan: Plan | None = None) -> None:
+        self.plan = plan or read_plan(uri)
+        self.stage = self.plan.stages[index]
+        self.device = pick_device(device)
+        data = read_shard(uri, self.stage.artifact)
+        module = decode_stage(data, self.stage.artifact, self._rebuild_children)
+        self.module: nn.Module = module.to(self.device)
+        self.input_names = [t.name for t in self.stage.inputs]
+        self.output_names = [t.name for t in self.stage.computed]
+
+    def _rebuild_children(self) -> list[nn.Module]:
+        from partitions.source import load_model
+
+        with torch.device("meta"):
+            source = load_model(self.plan.model["spec"], self.plan.model["options"], batch_size=1)
+        return [source.module.get_submodule(name) for name in self.stage.artifact.children]
+
+    def run_tensors(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            out = self.module(*args)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def __call__(self, payload: Mapping[str, np.ndarray]) -> Payload:
+        args = [self._to_device(payload[name]) for name in self.input_names]
+        outs = self.run_tensors(*args)
+        result: Payload = {name: payload[name] for name in self.stage.carried}
+        for name, t in zip(self.output_names, outs):
+            result[name] = np.ascontiguousarray(t.detach().cpu().numpy())
+        return result
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+
+def outputs_of(plan: Plan, payload: Mapping[str, np.ndarray]) -> Payload:
+    """The model outputs, under their user-facing names, from the last stage's payload."""
+    return {spec.name: payload[value] for spec, value in zip(plan.outputs, plan.output_values)}
+
+
+def run_pipeline(runners: list[StageRunner], inputs: Mapping[str, np.ndarray]) -> Payload:
+    """Run all stages in order in this process and return the named model outputs."""
+    payload: Payload = dict(inputs)
+    for runner in runners:
+        payload = runner(payload)
+    return outputs_of(runners[0].plan, payload)
+
+
+def load_pipeline(uri: str, device: str | None = None) -> list[StageRunner]:
+    plan = read_plan(uri)
+    return [StageRunner(uri, i, device, plan) for i in range(len(plan.stages))]

@@ -1,0 +1,172 @@
+"""Resolve a MODEL spec to a module and example inputs.
+
+A spec is one of:
+
+* a zoo name (``demo-transformer``; see :mod:`partitions.zoo`),
+* ``package.module:factory``: a callable taking keyword options and returning ``(module, example_inputs)``,
+  where ``example_inputs`` is a tensor, a tuple of tensors (named after ``forward``'s parameters) or a dict,
+* a Hugging Face model directory or ``config.json`` (extra ``hf``): random weights from a fixed seed unless
+  the directory holds weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from partitions.errors import ModelError
+from partitions.zoo import SEED, ZOO
+
+DEFAULT_BATCH = 8
+
+
+@dataclass
+class ModelSource:
+    spec: str
+    options: dict[str, Any]
+    module: nn.Module
+    example_inputs: dict[str, torch.Tensor]
+    """Example inputs at the plan's batch size, in ``forward``'s order."""
+    kind: str
+    int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """For integer inputs: the [low, high) range random test inputs are drawn from."""
+    by_keyword: bool = True
+    """Call ``forward`` with keyword arguments (else positionally, in ``example_inputs`` order)."""
+
+    def call_args(self, inputs: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` for ``forward``."""
+        return ((), dict(inputs)) if self.by_keyword else (tuple(inputs.values()), {})
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> object:
+        args, kwargs = self.call_args(inputs)
+        with torch.inference_mode():
+            return self.module(*args, **kwargs)
+
+    def output_names(self, count: int) -> list[str]:
+        """User-facing names of the flattened outputs."""
+        out = self.forward({k: v[:1] for k, v in self.example_inputs.items()})
+        if isinstance(out, dict) and len(out) == count:
+            return [str(k) for k in out]
+        return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+    def forward_flat(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run the whole model and flatten its outputs as the captured graph does."""
+        from torch.utils import _pytree as pytree
+
+        return [t for t in pytree.tree_leaves(self.forward(inputs)) if isinstance(t, torch.Tensor)]
+
+
+def load_model(spec: str, options: dict[str, Any] | None = None, batch_size: int = DEFAULT_BATCH) -> ModelSource:
+    """Build the model named by ``spec`` with ``options`` and example inputs of ``batch_size`` samples."""
+    options = dict(options or {})
+    if batch_size < 1:
+        raise ModelError(f"batch size ({batch_size}) must be >= 1", "pass --batch-size 1 or more")
+    if spec in ZOO:
+        module, example, kind = *_call_factory(spec, ZOO[spec], options, batch_size), "zoo"
+    elif os.path.isdir(spec) or spec.endswith("config.json"):
+        module, example = _hugging_face(spec, options, batch_size)
+        kind = "hf"
+    elif ":" in spec:
+        module, example = _call_factory(spec, _import_factory(spec), options, batch_size)
+        kind = "factory"
+    else:
+        raise ModelError(
+            f"unknown model {spec!r}",
+            f"use a zoo name ({', '.join(sorted(ZOO))}), package.module:factory, or a Hugging Face directory",
+        )
+    module.eval()
+    named = _name_inputs(module, example)
+    named = {k: _resize_batch(v, batch_size) for k, v in named.items()}
+    ranges = {k: (int(v.min()), int(v.max()) + 1) for k, v in named.items() if not v.is_floating_point()}
+    params = inspect.signature(module.forward).parameters
+    by_keyword = all(k in params for k in named)
+    return ModelSource(spec, options, module, named, kind, ranges, by_keyword)
+
+
+def _import_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"cannot import {module_name!r} ({exc})", "check the module path and PYTHONPATH") from exc
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise ModelError(f"{module_name} has no callable {attr!r}", "name a function returning (module, inputs)")
+    return factory
+
+
+def _call_factory(spec: str, factory, options: dict[str, Any], batch_size: int):
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = sorted(k for k in options if k not in params and not takes_any)
+    if unknown:
+        accepted = ", ".join(k for k in params if k != "batch_size") or "none"
+        raise ModelError(f"{spec} does not take option(s) {', '.join(unknown)}", f"accepted options: {accepted}")
+    kwargs = dict(options)
+    if "batch_size" in params:
+        kwargs["batch_size"] = batch_size
+    result = factory(**kwargs)
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise ModelError(f"{spec} returned {type(result).__name__}", "return (module, example_inputs)")
+    return result
+
+
+def _name_inputs(module: nn.Module, example: Any) -> dict[str, torch.Tensor]:
+    if isinstance(example, torch.Tensor):
+        example = (example,)
+    if isinstance(example, dict):
+        named = dict(example)
+    else:
+        names = [
+            p.name
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(names) < len(example):
+            raise ModelError(f"forward takes {len(names)} inputs, example has {len(example)}", "fix the example")
+        named = dict(zip(names, example))
+    bad = [k for k, v in named.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelError(f"example inputs {bad} are not tensors", "pass only tensors as example inputs")
+    return named
+
+
+def _resize_batch(t: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeat or truncate dimension 0 to ``batch_size`` samples."""
+    if t.shape[0] == batch_size:
+        return t
+    reps = -(-batch_size // t.shape[0])
+    return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size].contiguous()
+
+
+def _hugging_face(path: str, options: dict[str, Any], batch_size: int):
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelError("Hugging Face models need transformers", "pip install 'partserve[hf]'") from exc
+    directory = os.path.dirname(path) if path.endswith("config.json") else path
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        raise ModelError(f"no config.json in {directory}", "point MODEL at a Hugging Face model directory")
+    seq_len = int(options.pop("seq_len", 32))
+    if options:
+        raise ModelError(f"Hugging Face models do not take {sorted(options)}", "accepted options: seq_len")
+    config = transformers.AutoConfig.from_pretrained(directory)
+    has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(directory))
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        if has_weights:
+            module = transformers.AutoModel.from_pretrained(directory, use_safetensors=None)
+        else:
+            module = transformers.AutoModel.from_config(config)
+    gen = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    mask[1::2, seq_len // 2 :] = 0  # every other sample is padded: the mask matters
+    options["seq_len"] = seq_len
+    return module, {"input_ids": ids, "attention_mask": mask}

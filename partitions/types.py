@@ -1,0 +1,38 @@
+"""Type aliases and small plain-data records shared across the partitioner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Ms = float
+"""Milliseconds."""
+Bytes = int
+"""A size in bytes."""
+
+BATCH = -1
+"""Marks the dynamic batch dimension in a shape."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (``BATCH`` = -1 for the batch dimension) and numpy dtype name of one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def sample_bytes(self) -> Bytes:
+        """Bytes of one sample (the batch dimension counted as 1)."""
+        import numpy as np
+
+        n = 1
+        for d in self.shape:
+            n *= 1 if d == BATCH else d
+        return n * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TensorSpec:
+        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
