@@ -76,7 +76,7 @@ def domain_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except PartserveError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            click.echo(f"error: {exc}", err=True)
             sys.exit(2)
 
     return wrapper

@@ -13,6 +13,7 @@ import torch
 from partitions import artifacts
 from partitions.capture import CapturedGraph, capture
 from partitions.costs import NodeCost, measure_ms, profile
+from partitions.errors import PlanError
 from partitions.plan import Artifact, Plan, Stage
 from partitions.planner import Partition, Problem, solve
 from partitions.runtime import pick_device
@@ -57,6 +58,11 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
     report("capture", 0, 1)
     cg = capture(source)
     report("capture", 1, 1)
+    if opts.stages is not None and opts.stages > len(cg.units):
+        raise PlanError(
+            f"{opts.stages} stages requested but the graph has only {len(cg.units)} cuttable nodes",
+            f"pass --stages {len(cg.units)} or fewer",
+        )
     source.module.to(device)
     inputs = [x.to(device) for x in source.example_inputs.values()]
     passes = opts.warmup + opts.repeats
