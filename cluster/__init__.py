@@ -1,0 +1,1 @@
+"""Cluster side: autoscaling from queue depth, a pipeline simulator, multi-node placement."""
