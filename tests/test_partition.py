@@ -109,3 +109,24 @@ def test_bert_from_config_with_attention_mask(tmp_path) -> None:
     assert len(plan.stages) == 3
     report = verify(uri)
     assert report.passed, report.to_json()
+
+
+def test_plan_peak_memory_below_twice_the_weights() -> None:
+    # Measured in a fresh process: peak resident memory over a warmed-up baseline, model included.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/plan_memory.py", "--layers", "12", "--width", "512"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        timeout=600,
+        check=True,
+    )
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["shard_weight_bytes"] == figures["weight_bytes"]
+    assert figures["peak_over_weights"] < 2.0, figures
