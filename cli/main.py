@@ -60,6 +60,26 @@ def _model_options(pairs: tuple[str, ...], named: dict[str, Any]) -> dict[str, A
     show_default=True,
     help="Link bandwidth between stages (GB/s) for transfer costs.",
 )
+@click.option(
+    "--objective",
+    type=click.Choice(["throughput", "latency"]),
+    default="throughput",
+    show_default=True,
+    help="Minimise the bottleneck stage (throughput) or the critical path (latency).",
+)
+@click.option(
+    "--branches/--no-branches",
+    default=True,
+    show_default=True,
+    help="Run independent branches (fork/join) as parallel stages where the cost model gains.",
+)
+@click.option(
+    "--hop-ms",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Fixed cost of each hand-off between stages (ms).",
+)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repeats per node.")
 @click.option("--layers", type=int, help="Model option: number of layers (zoo transformer).")
 @click.option("--width", type=int, help="Model option: hidden width.")
@@ -75,6 +95,9 @@ def plan(
     batch_size: int,
     device: str,
     bandwidth_gbps: float,
+    objective: str,
+    branches: bool,
+    hop_ms: float,
     repeats: int,
     layers: int | None,
     width: int | None,
@@ -96,7 +119,14 @@ def plan(
     options = _model_options(model_opts, {"layers": layers, "width": width, "seq_len": seq_len})
     source = load_model(model, options, batch_size)
     opts = PlanOptions(
-        stages=stages, max_stage_bytes=cap, device=device, bandwidth_bytes_per_ms=bandwidth_gbps * 1e6, repeats=repeats
+        stages=stages,
+        max_stage_bytes=cap,
+        device=device,
+        bandwidth_bytes_per_ms=bandwidth_gbps * 1e6,
+        repeats=repeats,
+        objective=objective,
+        branches=branches,
+        hop_ms=hop_ms,
     )
     with progress_bar(not as_json) as progress:
         result = build_plan(source, out, opts, progress)
@@ -108,6 +138,7 @@ def plan(
     rows = [
         [
             s.index,
+            ",".join(map(str, s.after)) or "in",
             f"{s.node_range[0]}:{s.node_range[1]}",
             result.nodes[s.node_range[0]]["module"] or "-",
             f"{s.params / 1e6:.2f}M",
@@ -122,11 +153,12 @@ def plan(
     console.print(
         table(
             f"plan for {m['spec']} at batch {result.batch_size} on {result.device}",
-            ["stage", "nodes", "starts at", "params", "memory", "sends", "cost ms", "measured", "gpu"],
+            ["stage", "after", "nodes", "starts at", "params", "memory", "sends", "cost ms", "measured", "gpu"],
             rows,
         )
     )
     s = result.summary
+    console.print(_shape_line(result), highlight=False)
     console.print(
         f"bottleneck {s['bottleneck_ms']:.2f} ms, balance (bottleneck/mean) {s['balance']:.3f} planned, "
         f"{s['measured_balance']:.3f} measured; {s['throughput_samples_per_s']:.1f} samples/s; "
@@ -134,6 +166,20 @@ def plan(
         f"wrote {out}",
         highlight=False,
     )
+
+
+def _shape_line(result: Any) -> str:
+    """Why the plan is a chain or has parallel branches, in the objective's terms."""
+    s = result.summary
+    key = "bottleneck_ms" if result.objective == "throughput" else "latency_ms"
+    what = "bottleneck" if result.objective == "throughput" else "critical path"
+    if s["shape"] == "chain":
+        return f"chain: no parallel split beats sequential cuts ({what} {s[key]:.2f} ms)"
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for st in result.stages:
+        groups.setdefault(tuple(st.after), []).append(st.index)
+    parallel = [f"stages {','.join(map(str, g))} in parallel" for g in groups.values() if len(g) > 1]
+    return f"dag: {'; '.join(parallel)}; {what} {s[key]:.2f} ms against {s['chain_' + key]:.2f} ms as a chain"
 
 
 @main.command()

@@ -50,6 +50,8 @@ class Value:
     """Unit index that computes it; -1 for a model input."""
     last_use: int
     """Last unit index that reads it; ``len(units)`` for a model output."""
+    consumers: tuple[int, ...] = ()
+    """Every unit index that reads it (``len(units)`` for a model output), ascending."""
 
 
 @dataclass
@@ -199,7 +201,8 @@ def _group_units(gm: fx.GraphModule, classes: dict[str, NodeClass]) -> list[Unit
         if classes[n.name] == "other":
             last = max((pos.get(u.name, end) for u in n.users), default=i)
             open_until = max(open_until, last)
-        if open_until <= i:
+        makes_activation = any(classes[x.name] in ("tensor", "other") for x in current)
+        if open_until <= i and makes_activation:  # shape arithmetic joins the next unit that does work
             units.append(_make_unit(current))
             current = []
     if current:
@@ -258,7 +261,7 @@ def _build(gm: fx.GraphModule, method: Method, reason: str, source: ModelSource)
             name = rename.get(n.name, n.name)
             spec = _tensor_spec(name, n, batch_symbol)
             assert spec is not None
-            values[name] = Value(spec, producer, last)
+            values[name] = Value(spec, producer, last, tuple(sorted(set(uses))))
 
     seen: set[str] = set()
     for u in units:

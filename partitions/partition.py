@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -15,10 +15,10 @@ from partitions.capture import CapturedGraph, capture
 from partitions.costs import NodeCost, measure_ms, profile
 from partitions.errors import PlanError
 from partitions.plan import Artifact, Plan, Stage
-from partitions.planner import Partition, Problem, solve
-from partitions.runtime import pick_device
+from partitions.planner import Objective, Partition, Problem, solve
+from partitions.runtime import pick_device, stage_payload
 from partitions.source import ModelSource
-from partitions.stages import stage_program
+from partitions.stages import StageProgram, stage_program
 from partitions.types import Bytes, TensorSpec
 
 Progress = Callable[[str, int, int], None]
@@ -36,18 +36,29 @@ class PlanOptions:
     warmup: int = 2
     refine: int = 2
     """Rounds of profile-guided refinement: time the planned stages whole, rescale node costs to match, re-plan."""
+    objective: Objective = "throughput"
+    branches: bool = True
+    """Consider running independent branches of the graph as parallel stages."""
+    hop_ms: float = 1.0
+    """Fixed cost of each hand-off between stages through the serving layer, ms."""
 
 
-def problem_of(cg: CapturedGraph, costs: list[NodeCost], batch_size: int, bandwidth: float) -> Problem:
+def problem_of(cg: CapturedGraph, costs: list[NodeCost], batch_size: int, opts: PlanOptions) -> Problem:
     """The planner's pure input: per-unit costs and the tensor edges between units."""
-    edges = [(v.producer, v.last_use, v.spec.sample_bytes() * batch_size) for v in cg.values.values()]
+    edges = [(v.producer, v.consumers, v.spec.sample_bytes() * batch_size) for v in cg.values.values()]
     return Problem(
         compute_ms=[c.latency_ms for c in costs],
         weight_bytes=[c.param_bytes for c in costs],
         activation_bytes=[c.activation_bytes for c in costs],
         edges=edges,
-        bandwidth_bytes_per_ms=bandwidth,
+        bandwidth_bytes_per_ms=opts.bandwidth_bytes_per_ms,
+        hop_ms=opts.hop_ms,
     )
+
+
+def solve_for(cg: CapturedGraph, costs: list[NodeCost], batch_size: int, opts: PlanOptions) -> Partition:
+    problem = problem_of(cg, costs, batch_size, opts)
+    return solve(problem, opts.stages, opts.max_stage_bytes, opts.objective, opts.branches)
 
 
 def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progress | None = None) -> Plan:
@@ -72,7 +83,7 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
     )
     example = dict(zip(source.example_inputs, inputs))
     part, costs, measured = _refine(cg, costs, example, batch_size, device, opts, report)
-    stages = _write_stages(cg, part, costs, measured, example, uri, device, opts, report)
+    stages = _write_stages(cg, part, costs, measured, example, uri, opts, report)
     plan = Plan(
         model={
             "spec": source.spec,
@@ -91,7 +102,11 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
         input_ranges=dict(source.int_ranges),
         nodes=[c.to_json() for c in costs],
         stages=stages,
-        summary=_summary(part, stages, costs, whole_ms, batch_size),
+        summary={
+            **_summary(part, stages, costs, whole_ms, batch_size),
+            **_chain_alternative(cg, costs, batch_size, opts),
+        },
+        objective=opts.objective,
     )
     problems = plan.problems()
     assert not problems, problems
@@ -116,9 +131,9 @@ def _refine(
     best: tuple[Partition, list[NodeCost], list[float]] | None = None
     for round_ in range(opts.refine + 1):
         report("plan", round_, opts.refine + 1)
-        part = solve(problem_of(cg, costs, batch_size, opts.bandwidth_bytes_per_ms), opts.stages, opts.max_stage_bytes)
+        part = solve_for(cg, costs, batch_size, opts)
         measured = _measure_stages(cg, part, example, device, opts)
-        if best is None or max(measured) < max(best[2]):
+        if best is None or _figure(part, measured, opts) < _figure(*best[::2], opts):
             best = (part, costs, measured)
         costs = _calibrate(costs, part, measured)
     report("plan", opts.refine + 1, opts.refine + 1)
@@ -126,31 +141,49 @@ def _refine(
     return best
 
 
+def _figure(part: Partition, measured: list[float], opts: PlanOptions) -> float:
+    """The objective with measured stage times (ms): the bottleneck, or the critical path."""
+    if opts.objective == "throughput":
+        return max(measured)
+    finish: list[float] = []
+    for after, ms in zip(part.after, measured):
+        finish.append(max((finish[j] for j in after), default=0.0) + ms)
+    return max(finish)
+
+
 def _calibrate(costs: list[NodeCost], part: Partition, measured: list[float]) -> list[NodeCost]:
     """Scale each stage's node latencies so they sum to the stage's measured time."""
     out = list(costs)
-    for (a, b), ms in zip(zip(part.bounds[:-1], part.bounds[1:]), measured):
+    for (a, b), ms in zip(part.spans, measured):
         total = sum(c.latency_ms for c in costs[a:b])
         factor = ms / total if total > 0 else 1.0
         out[a:b] = [replace(c, latency_ms=c.latency_ms * factor) for c in costs[a:b]]
     return out
 
 
+def _programs(
+    cg: CapturedGraph, part: Partition, example: dict[str, torch.Tensor]
+) -> Iterator[tuple[StageProgram, list[torch.Tensor], Sequence[torch.Tensor]]]:
+    """Each stage's program, its example arguments and outputs, running the stages on ``example``."""
+    sent: dict[int, dict[str, torch.Tensor]] = {}
+    for i, ((a, b), after) in enumerate(zip(part.spans, part.after)):
+        program = stage_program(cg, a, b, part.segment_end[i] if part.carries[i] else None)
+        payload = stage_payload(list(after), sent, example)
+        args = [payload[name] for name in program.inputs]
+        with torch.no_grad():  # not inference_mode: export refuses inference tensors as examples
+            outs = program.gm(*args)
+        sent[i] = {**{k: payload[k] for k in program.carried}, **dict(zip(program.computed, outs))}
+        yield program, args, outs
+
+
 def _measure_stages(
-    cg: CapturedGraph, part: Partition, payload: dict[str, torch.Tensor], device: torch.device, opts: PlanOptions
+    cg: CapturedGraph, part: Partition, example: dict[str, torch.Tensor], device: torch.device, opts: PlanOptions
 ) -> list[float]:
     """Median wall time (ms) of each stage program on the example batch.
 
     Stages are timed round-robin, one call each per round, so drift in machine load hits them alike.
     """
-    calls = []
-    for a, b in zip(part.bounds[:-1], part.bounds[1:]):
-        program = stage_program(cg, a, b)
-        args = [payload[name] for name in program.inputs]
-        with torch.no_grad():
-            outs = program.gm(*args)
-        calls.append(partial(program.gm, *args))
-        payload = {**{k: payload[k] for k in program.carried}, **dict(zip(program.computed, outs))}
+    calls = [partial(program.gm, *args) for program, args, _ in _programs(cg, part, example)]
     warm = max(opts.warmup, 1)
     rounds = [[measure_ms(call, device, repeats=1, warmup=0) for call in calls] for _ in range(warm + opts.repeats)]
     rounds = rounds[warm:]
@@ -162,21 +195,16 @@ def _write_stages(
     part: Partition,
     costs: list[NodeCost],
     measured: list[float],
-    payload: dict[str, torch.Tensor],
+    example: dict[str, torch.Tensor],
     uri: str,
-    device: torch.device,
     opts: PlanOptions,
     report: Progress,
 ) -> list[Stage]:
     stages: list[Stage] = []
     shares = _gpu_fractions(part.memory_bytes)
-    spans = list(zip(part.bounds[:-1], part.bounds[1:]))
-    for i, (a, b) in enumerate(spans):
-        report("export stages", i, len(spans))
-        program = stage_program(cg, a, b)
-        args = [payload[name] for name in program.inputs]
-        with torch.no_grad():  # not inference_mode: export refuses inference tensors as examples
-            outs = program.gm(*args)
+    for i, (program, args, _) in enumerate(_programs(cg, part, example)):
+        report("export stages", i, part.stages)
+        a, b = part.spans[i]
         children = _children(cg, a, b) if cg.method == "modules" else None
         data, fmt = artifacts.encode_stage(program.gm, args, children)
         name = f"stage-{i:03d}" + (".pt2" if fmt == artifacts.EXPORTED else ".safetensors")
@@ -199,11 +227,11 @@ def _write_stages(
                 cost_ms=part.cost_ms[i],
                 measured_ms=measured[i],
                 gpu_fraction=shares[i],
+                after=list(part.after[i]),
             )
         )
         del data
-        payload = {**{k: payload[k] for k in program.carried}, **dict(zip(program.computed, outs))}
-    report("export stages", len(spans), len(spans))
+    report("export stages", part.stages, part.stages)
     return stages
 
 
@@ -223,6 +251,15 @@ def _gpu_fractions(memory: tuple[int, ...]) -> list[float]:
     return [max(0.01, math.floor(100 * m / total) / 100) for m in memory]
 
 
+def _chain_alternative(cg: CapturedGraph, costs: list[NodeCost], batch_size: int, opts: PlanOptions) -> dict:
+    """The best chain plan's figures under the same costs, to show what parallel branches gain."""
+    try:
+        chain = solve_for(cg, costs, batch_size, replace(opts, branches=False))
+    except PlanError:
+        return {"chain_bottleneck_ms": None, "chain_latency_ms": None}
+    return {"chain_bottleneck_ms": chain.bottleneck_ms, "chain_latency_ms": chain.latency_ms}
+
+
 def _summary(part: Partition, stages: list[Stage], costs: list[NodeCost], whole_ms: float, batch: int) -> dict:
     measured = [s.measured_ms for s in stages]
     planned_mean = statistics.fmean(part.cost_ms)
@@ -235,7 +272,9 @@ def _summary(part: Partition, stages: list[Stage], costs: list[NodeCost], whole_
         "measured_bottleneck_ms": max(measured),
         "measured_balance": max(measured) / statistics.fmean(measured) if any(measured) else 1.0,
         "throughput_samples_per_s": batch * 1e3 / part.bottleneck_ms if part.bottleneck_ms else math.inf,
-        "latency_ms": sum(part.cost_ms),
+        "latency_ms": part.latency_ms,
+        "measured_latency_ms": _figure(part, measured, PlanOptions(objective="latency")),
+        "shape": "chain" if part.is_chain else "dag",
         "whole_model_ms": whole_ms,
         "profiled_ms": sum(c.latency_ms for c in costs),
         "params": sum(c.params for c in costs),

@@ -50,6 +50,8 @@ class Stage:
     measured_ms: Ms
     """Median wall time of the stage program alone at the plan's batch size."""
     gpu_fraction: float
+    after: list[int] = field(default_factory=list)
+    """Stages whose outputs this stage receives, merged in this order; empty: the model inputs."""
 
     @property
     def sends(self) -> list[str]:
@@ -73,6 +75,8 @@ class Plan:
     nodes: list[dict[str, Any]]
     stages: list[Stage]
     summary: dict[str, Any]
+    objective: str = "throughput"
+    """What the planner optimised: ``throughput`` (bottleneck) or ``latency`` (critical path)."""
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -119,28 +123,49 @@ class Plan:
             raise ArtifactError("plan.json is inconsistent: " + "; ".join(problems), "re-run partserve plan")
         return plan
 
+    def sinks(self) -> list[int]:
+        """Stages no other stage reads from: their outputs, merged, hold the model outputs."""
+        read = {j for s in self.stages for j in s.after}
+        return [s.index for s in self.stages if s.index not in read]
+
+    @property
+    def is_chain(self) -> bool:
+        return all(s.after == ([s.index - 1] if s.index else []) for s in self.stages)
+
     def problems(self) -> list[str]:
         """Everything inconsistent in the plan (empty when it is sound)."""
         out: list[str] = []
-        expected_start = 0
-        available = {t.name for t in self.inputs}
+        sends: dict[int, set[str]] = {}
+        model_inputs = {t.name for t in self.inputs}
+        covered = []
         for i, s in enumerate(self.stages):
             if s.index != i:
                 out.append(f"stage {i} has index {s.index}")
             start, end = s.node_range
-            if start != expected_start or end <= start:
-                out.append(f"stage {i} covers nodes {start}:{end}, expected to start at {expected_start}")
-            expected_start = end
+            if end <= start:
+                out.append(f"stage {i} covers no nodes ({start}:{end})")
+            covered.append((start, end))
+            bad = [j for j in s.after if not 0 <= j < i]
+            if bad:
+                out.append(f"stage {i} reads from stages {bad}, which do not run before it")
+            available = set().union(*(sends.get(j, set()) for j in s.after)) if s.after else model_inputs
             missing = [t.name for t in s.inputs if t.name not in available]
             missing += [c for c in s.carried if c not in available]
             if missing:
-                out.append(f"stage {i} needs {missing}, which no earlier stage sends")
-            available = set(s.sends)
-        if expected_start != len(self.nodes):
-            out.append(f"stages cover {expected_start} of {len(self.nodes)} nodes")
-        lost = [v for v in self.output_values if v not in available]
+                out.append(f"stage {i} needs {missing}, which no stage it reads from sends")
+            sends[i] = set(s.sends)
+        covered.sort()
+        position = 0
+        for start, end in covered:
+            if start != position:
+                out.append(f"nodes {position}:{start} belong to no stage or to two")
+            position = max(position, end)
+        if position != len(self.nodes):
+            out.append(f"stages cover {position} of {len(self.nodes)} nodes")
+        final = set().union(*(sends.get(j, set()) for j in self.sinks()))
+        lost = [v for v in self.output_values if v not in final]
         if lost:
-            out.append(f"outputs {lost} are not sent by the last stage")
+            out.append(f"outputs {lost} are not sent by the last stages")
         if len(self.outputs) != len(self.output_values):
             out.append(f"{len(self.outputs)} outputs but {len(self.output_values)} output values")
         return out

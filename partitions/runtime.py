@@ -8,6 +8,7 @@ computes. Serving and ``verify`` use the same code.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from partitions.artifacts import decode_stage, read_plan, read_shard
 from partitions.plan import Plan
 
 Payload = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -69,17 +71,29 @@ class StageRunner:
         return t
 
 
+def stage_payload(after: list[int], sent: Mapping[int, Mapping[str, T]], inputs: Mapping[str, T]) -> dict[str, T]:
+    """What a stage receives: the merged outputs of the stages it reads from, or the model inputs."""
+    if not after:
+        return dict(inputs)
+    merged: dict[str, T] = {}
+    for j in after:
+        merged.update(sent[j])
+    return merged
+
+
 def outputs_of(plan: Plan, payload: Mapping[str, np.ndarray]) -> Payload:
     """The model outputs, under their user-facing names, from the last stage's payload."""
     return {spec.name: payload[value] for spec, value in zip(plan.outputs, plan.output_values)}
 
 
 def run_pipeline(runners: list[StageRunner], inputs: Mapping[str, np.ndarray]) -> Payload:
-    """Run all stages in order in this process and return the named model outputs."""
-    payload: Payload = dict(inputs)
+    """Run all stages in this process, in index order (a valid order for chains and DAGs alike), and return
+    the named model outputs."""
+    plan = runners[0].plan
+    sent: dict[int, Payload] = {}
     for runner in runners:
-        payload = runner(payload)
-    return outputs_of(runners[0].plan, payload)
+        sent[runner.stage.index] = runner(stage_payload(runner.stage.after, sent, inputs))
+    return outputs_of(plan, stage_payload(plan.sinks(), sent, inputs))
 
 
 def load_pipeline(uri: str, device: str | None = None) -> list[StageRunner]:

@@ -69,6 +69,10 @@ def load_model(spec: str, options: dict[str, Any] | None = None, batch_size: int
         raise ModelError(f"batch size ({batch_size}) must be >= 1", "pass --batch-size 1 or more")
     if spec in ZOO:
         module, example, kind = *_call_factory(spec, ZOO[spec], options, batch_size), "zoo"
+    elif os.path.isfile(os.path.join(spec, "compressed.json")):
+        from partitions.compress.archive import load_compressed
+
+        module, example, kind = *load_compressed(spec, options, batch_size), "compressed"
     elif os.path.isdir(spec) or spec.endswith("config.json"):
         module, example = _hugging_face(spec, options, batch_size)
         kind = "hf"

@@ -2,7 +2,8 @@
 
 A stage program takes the tensors it reads (``inputs``, positional) and returns the tensors it computes
 that later stages or the caller need (``computed``). Tensors made earlier and needed after the stage pass
-through it untouched (``carried``); the runtime forwards them. Shape arithmetic and weight-only values that
+through it untouched (``carried``); the runtime forwards them; of parallel branch stages, the first carries
+them. Shape arithmetic and weight-only values that
 a stage needs but did not make are recomputed inside it, so only batched activations cross a cut.
 """
 
@@ -29,8 +30,12 @@ class StageProgram:
         return self.carried + self.computed
 
 
-def stage_program(cg: CapturedGraph, start: int, end: int) -> StageProgram:
-    """The program of units ``start:end`` of ``cg``; parameters are shared with ``cg.gm``, not copied."""
+def stage_program(cg: CapturedGraph, start: int, end: int, carry_until: int | None = None) -> StageProgram:
+    """The program of units ``start:end`` of ``cg``; parameters are shared with ``cg.gm``, not copied.
+
+    ``carry_until``: forward values made before ``start`` that are read at or after this unit (default
+    ``end``: a sequential stage); ``None`` for a parallel branch other than the first, which forwards nothing.
+    """
     nodes = {name for u in cg.units[start:end] for name in u.nodes}
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
@@ -87,7 +92,11 @@ def stage_program(cg: CapturedGraph, start: int, end: int) -> StageProgram:
         copy(n)
 
     computed = [name for name, v in cg.values.items() if start <= v.producer < end and v.last_use >= end]
-    carried = [name for name, v in cg.values.items() if v.producer < start and v.last_use >= end]
+    carried = (
+        []
+        if carry_until is None
+        else [name for name, v in cg.values.items() if v.producer < start and v.last_use >= carry_until]
+    )
     by_value = {cg.value_name(cg.node(n)): n for n in nodes}
     graph.output(tuple(env[by_value[name]] for name in computed))
     graph.lint()

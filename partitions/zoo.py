@@ -149,8 +149,105 @@ def demo_resnet(blocks: int = 2, width: int = 16, image_size: int = 32, classes:
     return model, {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen)}
 
 
+def demo_cnn(width: int = 16, image_size: int = 32, hidden: int = 128, classes: int = 10, batch_size: int = 8):
+    """Small CNN: two 3x3 conv+BN+ReLU+max-pool stages, flatten, two fully connected layers."""
+
+    def build() -> nn.Module:
+        spatial = (image_size // 4) ** 2
+        layers = {
+            "conv1": nn.Conv2d(3, width, 3, padding=1),
+            "bn1": nn.BatchNorm2d(width),
+            "relu1": nn.ReLU(),
+            "pool1": nn.MaxPool2d(2),
+            "conv2": nn.Conv2d(width, 2 * width, 3, padding=1),
+            "bn2": nn.BatchNorm2d(2 * width),
+            "relu2": nn.ReLU(),
+            "pool2": nn.MaxPool2d(2),
+            "flatten": nn.Flatten(),
+            "fc1": nn.Linear(2 * width * spatial, hidden),
+            "relu3": nn.ReLU(),
+            "fc2": nn.Linear(hidden, classes),
+        }
+        model = nn.Sequential()
+        for name, layer in layers.items():
+            model.add_module(name, layer)
+        return model
+
+    gen = torch.Generator().manual_seed(SEED)
+    return _seeded(build), {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen)}
+
+
+class InceptionBlock(nn.Module):
+    """Four parallel branches (1x1; 1x1-3x3; 1x1-3x3-3x3; pool-1x1) concatenated: a fork and a join."""
+
+    def __init__(self, c_in: int, c_branch: int) -> None:
+        super().__init__()
+
+        def conv(a: int, b: int, k: int) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(a, b, k, padding=k // 2), nn.ReLU())
+
+        self.b1 = conv(c_in, c_branch, 1)
+        self.b2 = nn.Sequential(conv(c_in, c_branch, 1), conv(c_branch, c_branch, 3))
+        self.b3 = nn.Sequential(conv(c_in, c_branch, 1), conv(c_branch, c_branch, 3), conv(c_branch, c_branch, 3))
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv(c_in, c_branch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], dim=1)
+
+
+class DemoInception(nn.Module):
+    def __init__(self, blocks: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4 * width, 3, padding=1), nn.ReLU())
+        self.blocks = nn.Sequential(*[InceptionBlock(4 * width, width) for _ in range(blocks)])
+        self.head = nn.Linear(4 * width, classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(image)).mean(dim=(2, 3)))
+
+
+class DemoTwoTower(nn.Module):
+    """Two equal MLP towers over two inputs, joined by a small scoring head: the towers dominate the cost."""
+
+    def __init__(self, features: int, width: int, depth: int, embed: int) -> None:
+        super().__init__()
+
+        def tower() -> nn.Module:
+            dims = [features] + [width] * depth
+            layers: list[nn.Module] = []
+            for a, b in zip(dims[:-1], dims[1:]):
+                layers += [nn.Linear(a, b), nn.ReLU()]
+            return nn.Sequential(*layers, nn.Linear(width, embed))
+
+        self.query_tower = tower()
+        self.item_tower = tower()
+        self.score = nn.Linear(2 * embed, 1)
+
+    def forward(self, query: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        q, i = self.query_tower(query), self.item_tower(item)
+        return self.score(torch.cat([q * i, q - i], dim=1))
+
+
+def demo_inception(blocks: int = 2, width: int = 8, image_size: int = 32, classes: int = 10, batch_size: int = 8):
+    """Inception-style CNN: each block forks into 4 parallel branches and joins them."""
+    model = _seeded(lambda: DemoInception(blocks, width, classes))
+    gen = torch.Generator().manual_seed(SEED)
+    return model, {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen)}
+
+
+def demo_two_tower(features: int = 256, width: int = 1024, depth: int = 4, embed: int = 128, batch_size: int = 8):
+    """Two-tower scorer: equal query and item towers run in parallel, then a small head."""
+    model = _seeded(lambda: DemoTwoTower(features, width, depth, embed))
+    gen = torch.Generator().manual_seed(SEED)
+    query = torch.randn(batch_size, features, generator=gen)
+    return model, {"query": query, "item": torch.randn(batch_size, features, generator=gen)}
+
+
 ZOO: dict[str, Factory] = {
     "demo-mlp": demo_mlp,
     "demo-transformer": demo_transformer,
     "demo-resnet": demo_resnet,
+    "demo-inception": demo_inception,
+    "demo-two-tower": demo_two_tower,
+    "demo-cnn": demo_cnn,
 }

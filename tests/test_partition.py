@@ -130,3 +130,33 @@ def test_plan_peak_memory_below_twice_the_weights() -> None:
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["shard_weight_bytes"] == figures["weight_bytes"]
     assert figures["peak_over_weights"] < 2.0, figures
+
+
+def test_two_tower_latency_plan_runs_the_towers_in_parallel(tmp_path) -> None:
+    uri = str(tmp_path / "plan")
+    source = load_model("demo-two-tower", {"width": 256, "depth": 3}, batch_size=8)
+    opts = PlanOptions(stages=3, objective="latency", hop_ms=0.0, repeats=2, warmup=1, refine=1)
+    plan = build_plan(source, uri, opts)
+    assert plan.summary["shape"] == "dag"
+    assert [s.after for s in plan.stages] == [[], [], [0, 1]]  # towers from the inputs, joined by the head
+    assert {t.name for t in plan.stages[0].inputs} | {t.name for t in plan.stages[1].inputs} == {"query", "item"}
+    assert plan.summary["latency_ms"] < plan.summary["chain_latency_ms"]
+    assert verify(uri).passed
+
+
+def test_inception_branches_verify(tmp_path) -> None:
+    uri = str(tmp_path / "plan")
+    source = load_model("demo-inception", {"blocks": 1, "width": 4, "image_size": 8}, batch_size=4)
+    plan = build_plan(source, uri, PlanOptions(stages=6, objective="latency", hop_ms=0.0, repeats=1, refine=0))
+    assert not plan.is_chain
+    assert max(len(s.after) for s in plan.stages) >= 2  # a join stage merges branch outputs
+    report = verify(uri)
+    assert report.passed and report.max_rel_error <= 1e-6
+
+
+def test_no_branches_gives_a_chain(tmp_path) -> None:
+    uri = str(tmp_path / "plan")
+    source = load_model("demo-two-tower", {"width": 64, "depth": 2}, batch_size=4)
+    plan = build_plan(source, uri, PlanOptions(stages=3, branches=False, repeats=1, refine=0))
+    assert plan.is_chain and plan.summary["shape"] == "chain"
+    assert verify(uri).passed
