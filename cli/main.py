@@ -229,3 +229,13 @@ def zoo(as_json: bool) -> None:
         return
     rows = [[e["name"], e["description"], ", ".join(f"{k}={v}" for k, v in e["options"].items())] for e in entries]
     console.print(table("model zoo", ["model", "description", "options (-O KEY=VALUE)"], rows))
+
+
+def _register() -> None:
+    """Commands that live beside the subsystem they drive."""
+    from cli.simulate import simulate
+
+    main.add_command(simulate)
+
+
+_register()

@@ -1,0 +1,246 @@
+"""``partserve simulate``: replay a workload on a simulated pipeline under the coordinated policy and/or a model
+of Ray Serve's default autoscaler, and report latency, SLO attainment and cost."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.output import console, domain_errors, emit_json, progress_bar, table
+from cluster.errors import ScalingConfigError, check
+from cluster.policy import PolicyConfig
+from cluster.sim.engine import SimConfig, StageModel
+from cluster.sim.engine import simulate as run_pipeline
+from cluster.sim.policies import Coordinated, RayDefault, RayDefaultConfig, policy_stages
+from cluster.sim.report import plot, summarize
+from cluster.sim.workloads import KINDS, Workload, arrivals
+
+_PROGRESS_MIN_REQUESTS = 100_000
+
+
+def parse_rate(text: str, capacity_rate_per_s: float) -> float:
+    """``"40"`` -> 40 requests/s; ``"10%"`` -> 10% of the pipeline's capacity."""
+    try:
+        return float(text[:-1]) / 100 * capacity_rate_per_s if text.endswith("%") else float(text)
+    except ValueError as exc:
+        fix = "use requests/s (40) or a share of capacity (10%)"
+        raise ScalingConfigError(f"rate {text!r} is not a number", fix) from exc
+
+
+def load_stages(
+    plan_dir: Path | None,
+    service_ms: str | None,
+    batch_size: int,
+    fixed_ms: float,
+    gpu_fraction: float,
+    min_replicas: int,
+    max_replicas: int,
+) -> list[StageModel]:
+    """Stages from ``plan_dir/plan.json`` (``measured_ms`` per batch of ``batch_size``) or ``--service-ms``."""
+    gpus: list[float]
+    if plan_dir is not None:
+        path = plan_dir / "plan.json"
+        try:
+            plan = json.loads(path.read_text())
+            full_ms = [float(s["measured_ms"]) for s in plan["stages"]]
+            batch_size = int(plan["batch_size"])
+            gpus = [float(s.get("gpu_fraction", gpu_fraction)) for s in plan["stages"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ScalingConfigError(f"cannot read stage costs from {path}: {exc}", "pass a plan directory") from exc
+    else:
+        check(service_ms is not None, "no stages given", "pass --service-ms 170,250,210,130 or --plan DIR")
+        try:
+            full_ms = [float(x) for x in str(service_ms).split(",")]
+        except ValueError as exc:
+            raise ScalingConfigError(f"--service-ms {service_ms!r} is not a list of numbers", "e.g. 170,250") from exc
+        gpus = [gpu_fraction] * len(full_ms)
+    for i, ms in enumerate(full_ms):
+        check(ms > fixed_ms, f"stage {i}: service time ({ms} ms) must exceed fixed_ms ({fixed_ms} ms)")
+    return [
+        StageModel(
+            name=f"stage-{i}",
+            fixed_ms=fixed_ms,
+            per_sample_ms=(ms - fixed_ms) / batch_size,
+            max_batch_size=batch_size,
+            gpu_fraction=g,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+        )
+        for i, (ms, g) in enumerate(zip(full_ms, gpus))
+    ]
+
+
+def _row(name: str, s: dict[str, Any]) -> list[Any]:
+    recovery = "-" if s["recovery_s"] is None and s.get("step_s") is None else s["recovery_s"]
+    return [
+        name,
+        f"{s['p50_ms']:.0f}",
+        f"{s['p99_ms']:.0f}",
+        f"{100 * s['slo_attainment']:.2f}%",
+        f"{s['replica_seconds']:.0f}",
+        s["scale_actions"],
+        s["max_replicas"],
+        "not recovered" if recovery is None else recovery,
+    ]
+
+
+@click.command("simulate")
+@click.option("--plan", "plan_dir", type=click.Path(path_type=Path, file_okay=False), help="Plan directory (costs).")
+@click.option("--service-ms", help="Full-batch service time per stage, comma-separated (without --plan).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Without --plan.")
+@click.option(
+    "--fixed-ms",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Part of each batch's time that does not grow with its size.",
+)
+@click.option("--gpu-fraction", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--min-replicas", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--max-replicas", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--initial-replicas",
+    default="min",
+    show_default=True,
+    help="'min', 'auto' (sized for the starting rate) or a number.",
+)
+@click.option("--workload", type=click.Choice(KINDS), default="step", show_default=True)
+@click.option("--rate", default="10%", show_default=True, help="Requests/s, or a share of capacity such as 10%.")
+@click.option("--peak-rate", default="80%", show_default=True, help="Rate after the step / top of ramp and diurnal.")
+@click.option("--change-s", type=float, default=300.0, show_default=True, help="Time of the step / start of the ramp.")
+@click.option("--ramp-s", type=float, default=60.0, show_default=True)
+@click.option("--period-s", type=float, default=300.0, show_default=True, help="Diurnal period.")
+@click.option("--cv", type=float, help="Inter-arrival coefficient of variation [default: 4 for bursty, else 1].")
+@click.option("--duration-s", type=float, default=1200.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--slo-ms", type=float, default=1200.0, show_default=True)
+@click.option("--gpu-budget", type=float, help="GPUs for all stage replicas together.")
+@click.option("--startup-s", type=float, default=10.0, show_default=True, help="Replica start-up time.")
+@click.option("--service-cv", type=float, default=0.0, show_default=True, help="Noise on batch service times.")
+@click.option("--target-utilisation", type=float, default=0.7, show_default=True)
+@click.option("--drain-time-s", type=float, default=10.0, show_default=True)
+@click.option("--upscale-delay-s", type=float, default=0.0, show_default=True)
+@click.option("--downscale-delay-s", type=float, default=120.0, show_default=True)
+@click.option(
+    "--ray-target-ongoing",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Ray default policy: target_ongoing_requests.",
+)
+@click.option("--ray-upscale-delay-s", type=float, default=30.0, show_default=True)
+@click.option("--ray-downscale-delay-s", type=float, default=600.0, show_default=True)
+@click.option("--compare", is_flag=True, help="Run the coordinated policy and Ray's default on the same arrivals.")
+@click.option("--policy", type=click.Choice(["coordinated", "ray-default"]), default="coordinated", show_default=True)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), help="PNG of replicas and p99.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@domain_errors
+def simulate(**o: Any) -> None:
+    """Simulate autoscaling of a pipeline: p50/p99, SLO attainment, replica-seconds, recovery after a step."""
+    stages = load_stages(
+        o["plan_dir"],
+        o["service_ms"],
+        o["batch_size"],
+        o["fixed_ms"],
+        o["gpu_fraction"],
+        o["min_replicas"],
+        o["max_replicas"],
+    )
+    capacity = min(s.rate_per_s * s.max_replicas for s in stages)
+    cv = o["cv"] if o["cv"] is not None else (4.0 if o["workload"] == "bursty" else 1.0)
+    workload = Workload(
+        o["workload"],
+        parse_rate(o["rate"], capacity),
+        parse_rate(o["peak_rate"], capacity),
+        change_s=o["change_s"],
+        ramp_s=o["ramp_s"],
+        period_s=o["period_s"],
+        cv=cv,
+    )
+    stages = with_initial_replicas(stages, o["initial_replicas"], workload.rate_per_s, o["target_utilisation"])
+    policy = PolicyConfig(
+        stages=policy_stages(stages),
+        target_utilisation=o["target_utilisation"],
+        drain_time_s=o["drain_time_s"],
+        gpu_budget=o["gpu_budget"],
+        upscale_delay_s=o["upscale_delay_s"],
+        downscale_delay_s=o["downscale_delay_s"],
+    )
+    ray = RayDefaultConfig(
+        target_ongoing_requests=o["ray_target_ongoing"],
+        upscale_delay_s=o["ray_upscale_delay_s"],
+        downscale_delay_s=o["ray_downscale_delay_s"],
+    )
+    controllers = [Coordinated(policy), RayDefault(policy.stages, ray)]
+    if not o["compare"]:
+        controllers = [c for c in controllers if c.name == o["policy"]]
+    sim = SimConfig(
+        tick_s=1.0, startup_s=o["startup_s"], service_cv=o["service_cv"], gpu_budget=o["gpu_budget"], seed=o["seed"]
+    )
+    times = arrivals(workload, o["duration_s"], o["seed"])
+    step_s = o["change_s"] if o["workload"] == "step" else None
+    results, report = [], {}
+    with progress_bar(not o["as_json"] and len(times) >= _PROGRESS_MIN_REQUESTS) as progress:
+        for c in controllers:
+            total = int(o["duration_s"])
+            result = run_pipeline(
+                stages,
+                times,
+                c,
+                o["duration_s"],
+                sim,
+                lambda t, name=c.name, total=total: progress(name, int(t), total),
+            )
+            results.append((c.name, result))
+            report[c.name] = summarize(result, o["slo_ms"], step_s)
+    if o["plot_path"] is not None:
+        plot(results, o["slo_ms"], o["plot_path"])
+    header = {"capacity_rate_per_s": capacity, "requests": len(times), "slo_ms": o["slo_ms"], "step_s": step_s}
+    if o["as_json"]:
+        emit_json({**header, "policies": report})
+        return
+    columns = [
+        "policy",
+        "p50 ms",
+        "p99 ms",
+        "SLO attained",
+        "replica-s",
+        "scale actions",
+        "peak replicas",
+        "recovery s",
+    ]
+    title = (
+        f"{len(stages)} stages, {o['workload']} workload, {len(times)} requests, capacity "
+        f"{capacity:.0f}/s, SLO {o['slo_ms']:g} ms"
+    )
+    console.print(table(title, columns, [_row(name, {**s, "step_s": step_s}) for name, s in report.items()]))
+
+
+def with_initial_replicas(
+    stages: list[StageModel], how: str, rate_per_s: float, target_utilisation: float
+) -> list[StageModel]:
+    """Stages starting at min replicas, at ``n``, or (``auto``) at ``rate / (mu_i * target_utilisation)``."""
+    if how == "min":
+        return stages
+    if how == "auto":
+        counts = [math.ceil(rate_per_s / (s.rate_per_s * target_utilisation)) for s in stages]
+    else:
+        check(how.isdigit(), f"initial replicas {how!r} is not 'min', 'auto' or a number")
+        counts = [int(how)] * len(stages)
+    return [
+        StageModel(
+            s.name,
+            s.fixed_ms,
+            s.per_sample_ms,
+            s.max_batch_size,
+            s.gpu_fraction,
+            s.min_replicas,
+            s.max_replicas,
+            initial_replicas=min(s.max_replicas, max(s.min_replicas, n)),
+        )
+        for s, n in zip(stages, counts)
+    ]

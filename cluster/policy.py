@@ -1,0 +1,262 @@
+"""Coordinated pipeline autoscaling: one decision for every stage per tick. Pure: no Ray, no clock, no I/O.
+
+Ray Serve's default policy scales each deployment from its own ongoing requests, so a load step cascades:
+stage 2 only sees load once stage 1 has scaled and drained. Here the pipeline is one system, as in
+InferLine (Crankshaw et al., SoCC'20) and AlpaServe (Li et al., OSDI'23):
+
+1. Service rates. Each stage's full-batch service time starts at the plan's profiled cost and follows live
+   measurements through an EWMA; a replica serves ``mu_i = batch_size_i / service_s_i`` requests/s.
+2. Arrival rate at the entrance, from conservation: arrivals = growth of the entrance's ongoing requests +
+   its completions (measured, or ``running / service_s`` by Little's law), smoothed by an EWMA.
+3. Demand, for all stages at once: ``lambda / (mu_i * target_utilisation)`` plus a drain term
+   ``backlog_i / (drain_time_s * mu_i)``, where ``backlog_i`` counts the requests queued at stage i and every
+   request still upstream of it (they will all pass through stage i).
+4. Bounds: per-stage min/max, then a GPU budget: when demand does not fit, the replicas that fit maximise the
+   bottleneck throughput ``min_i r_i * mu_i`` (greedy water-filling on the bottleneck; optimal, see
+   :func:`bottleneck_allocation`).
+5. Hysteresis (a downscale must cut at least ``hysteresis`` of the replicas) and upscale/downscale delays;
+   an idle pipeline goes to the minimum.
+
+Ray adapter (:mod:`cluster.serve_policy`): Ray 2.60 calls an application-level policy with
+``{DeploymentID: AutoscalingContext}`` and expects ``({DeploymentID: replicas}, {DeploymentID: state dict})``.
+The adapter orders the stage deployments, maps each context's ``total_queued_requests`` and
+``total_running_requests`` (and the optional custom metric ``full_batch_ms``) onto a :class:`StageObservation`,
+calls :func:`step`, and keeps the :class:`PolicyState` between ticks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from cluster.errors import check
+
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage as the policy sees it: profiled full-batch cost, GPU share per replica, replica bounds."""
+
+    name: str
+    service_ms: float
+    """Profiled wall time of one full batch (``batch_size`` requests)."""
+    batch_size: int = 1
+    gpu_fraction: float = 1.0
+    min_replicas: int = 1
+    max_replicas: int = 100
+
+    def __post_init__(self) -> None:
+        n = self.name
+        check(self.service_ms > 0, f"service_ms ({self.service_ms}) of stage {n!r} must be > 0")
+        check(self.batch_size >= 1, f"batch_size ({self.batch_size}) of stage {n!r} must be >= 1")
+        check(self.gpu_fraction >= 0, f"gpu_fraction ({self.gpu_fraction}) of stage {n!r} must be >= 0")
+        check(self.min_replicas >= 0, f"min_replicas ({self.min_replicas}) of stage {n!r} must be >= 0")
+        check(
+            self.max_replicas >= max(1, self.min_replicas),
+            f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas}) and >= 1"
+            f" for stage {n!r}",
+        )
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    stages: tuple[StageSpec, ...]
+    target_utilisation: float = 0.7
+    """Fraction of a replica's full-batch rate the steady-state demand may use."""
+    drain_time_s: float = 10.0
+    """A backlog is sized to be worked off within this time."""
+    gpu_budget: float | None = None
+    """GPUs for all stage replicas together (sum of replicas x gpu_fraction); None: unlimited."""
+    upscale_delay_s: float = 0.0
+    downscale_delay_s: float = 120.0
+    hysteresis: float = 0.1
+    """A downscale must remove at least this fraction of a stage's replicas."""
+    rate_smoothing: float = 0.5
+    """EWMA weight of the newest arrival-rate sample."""
+    latency_smoothing: float = 0.3
+    """EWMA weight of the newest service-time sample."""
+
+    def __post_init__(self) -> None:
+        check(len(self.stages) >= 1, "a pipeline needs at least 1 stage (got 0)")
+        check(0 < self.target_utilisation <= 1, f"target_utilisation ({self.target_utilisation}) must be in (0, 1]")
+        check(self.drain_time_s > 0, f"drain_time_s ({self.drain_time_s}) must be > 0")
+        check(self.upscale_delay_s >= 0, f"upscale_delay_s ({self.upscale_delay_s}) must be >= 0")
+        check(self.downscale_delay_s >= 0, f"downscale_delay_s ({self.downscale_delay_s}) must be >= 0")
+        check(0 <= self.hysteresis < 1, f"hysteresis ({self.hysteresis}) must be in [0, 1)")
+        for name in ("rate_smoothing", "latency_smoothing"):
+            value = getattr(self, name)
+            check(0 < value <= 1, f"{name} ({value}) must be in (0, 1]")
+        if self.gpu_budget is not None:
+            floor = sum(s.min_replicas * s.gpu_fraction for s in self.stages)
+            check(
+                self.gpu_budget >= floor - _EPS,
+                f"gpu_budget ({self.gpu_budget}) is below the GPUs the minimum replicas need ({floor:g})",
+                "raise the budget or lower min_replicas",
+            )
+
+
+@dataclass(frozen=True)
+class StageObservation:
+    """One stage at one tick."""
+
+    queued: float
+    running: float
+    target_replicas: int
+    """Replicas the stage is currently set to (running or starting)."""
+    completed: float | None = None
+    """Requests the stage finished since the previous tick; None: estimated as ``running / service_s``."""
+    service_ms: float | None = None
+    """Mean measured wall time of full batches since the previous tick; None: no full batch measured."""
+
+
+@dataclass(frozen=True)
+class PipelineObservation:
+    time_s: float
+    stages: tuple[StageObservation, ...]
+
+
+@dataclass(frozen=True)
+class StageState:
+    service_ms: float
+    """EWMA of the full-batch service time."""
+    pending_direction: int = 0
+    """+1 while an upscale waits for its delay, -1 for a downscale, 0 otherwise."""
+    pending_since_s: float | None = None
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    stages: tuple[StageState, ...]
+    arrival_rate_per_s: float = 0.0
+    entrance_ongoing: float = 0.0
+    time_s: float | None = None
+
+
+def initial_state(config: PolicyConfig) -> PolicyState:
+    """Service times from the profiled costs, no arrivals seen yet."""
+    return PolicyState(stages=tuple(StageState(service_ms=s.service_ms) for s in config.stages))
+
+
+def ewma(previous: float, sample: float, weight: float) -> float:
+    """``previous + weight * (sample - previous)``."""
+    return previous + weight * (sample - previous)
+
+
+def replica_rate_per_s(service_ms: float, batch_size: int) -> float:
+    """Requests/s one replica serves with full batches: ``batch_size / (service_ms / 1000)``."""
+    return batch_size * 1000.0 / service_ms
+
+
+def arrival_rate_sample(entrance: StageObservation, previous_ongoing: float, dt_s: float | None,
+                        service_ms: float) -> float:
+    """Arrivals/s at the entrance: ongoing growth + completions (conservation of requests)."""
+    ongoing = entrance.queued + entrance.running
+    if dt_s is None or dt_s <= 0:
+        return entrance.running * 1000.0 / service_ms
+    done = entrance.completed if entrance.completed is not None else entrance.running * 1000.0 / service_ms * dt_s
+    return max(0.0, (ongoing - previous_ongoing + done) / dt_s)
+
+
+def backlogs(stages: Sequence[StageObservation]) -> list[float]:
+    """Requests that stage i still has to serve beyond the steady flow: its own queue plus everything upstream."""
+    out, upstream = [], 0.0
+    for s in stages:
+        out.append(upstream + s.queued)
+        upstream += s.queued + s.running
+    return out
+
+
+def demand_replicas(arrival_rate_per_s: float, backlog: float, rate_per_s: float, config: PolicyConfig) -> float:
+    """``lambda / (mu * target_utilisation) + backlog / (drain_time_s * mu)`` (fractional replicas)."""
+    return arrival_rate_per_s / (rate_per_s * config.target_utilisation) + backlog / (config.drain_time_s * rate_per_s)
+
+
+def bottleneck_allocation(lower: Sequence[int], upper: Sequence[int], rates_per_s: Sequence[float],
+                          gpu_fractions: Sequence[float], gpu_budget: float) -> list[int]:
+    """Integer replicas ``lower_i <= r_i <= upper_i`` with ``sum r_i g_i <= gpu_budget`` that maximise the
+    bottleneck ``min_i r_i mu_i`` over the stages below ``upper``, at least cost.
+
+    Greedy water-filling: add one replica to the slowest stage below its upper bound while it fits. Optimal:
+    while the level L is below the optimum T*, every r_i <= max(lower_i, ceil(T*/mu_i)) (a stage was only raised
+    while it was the bottleneck), so the bottleneck stage's next replica fits within the cost of the optimum.
+    Replicas left above the reached level by ties are given back.
+    """
+    r = list(lower)
+    spent = sum(n * g for n, g in zip(r, gpu_fractions))
+    open_ = [i for i in range(len(r)) if r[i] < upper[i]]
+    while open_:
+        i = min(open_, key=lambda j: r[j] * rates_per_s[j])
+        if spent + gpu_fractions[i] > gpu_budget + _EPS:
+            break
+        r[i] += 1
+        spent += gpu_fractions[i]
+        if r[i] >= upper[i]:
+            open_.remove(i)
+    unsaturated = [i for i in range(len(r)) if r[i] < upper[i]]
+    if unsaturated:
+        level = min(r[i] * rates_per_s[i] for i in unsaturated)
+        r = [min(n, max(lo, math.ceil(level / mu - _EPS))) for n, lo, mu in zip(r, lower, rates_per_s)]
+    return r
+
+
+def hysteresis_target(desired: int, current: int, hysteresis: float) -> int:
+    """``current`` unless ``desired`` is above it or at least ``hysteresis`` of it below."""
+    return desired if desired > current or desired <= current * (1 - hysteresis) else current
+
+
+def apply_delay(desired: int, current: int, stage: StageState, now_s: float,
+                config: PolicyConfig) -> tuple[int, StageState]:
+    """Ray-style delays: a change applies once the same direction has been wanted for its delay."""
+    direction = (desired > current) - (desired < current)
+    if direction == 0:
+        return current, replace(stage, pending_direction=0, pending_since_s=None)
+    since = stage.pending_since_s if stage.pending_direction == direction else now_s
+    delay_s = config.upscale_delay_s if direction > 0 else config.downscale_delay_s
+    if now_s - since + _EPS >= delay_s:
+        return desired, replace(stage, pending_direction=0, pending_since_s=None)
+    return current, replace(stage, pending_direction=direction, pending_since_s=since)
+
+
+def step(observation: PipelineObservation, config: PolicyConfig,
+         state: PolicyState) -> tuple[dict[str, int], PolicyState]:
+    """One control tick: ``{stage name: replicas}`` for every stage, and the next state."""
+    obs, specs = observation.stages, config.stages
+    check(len(obs) == len(specs), f"observation has {len(obs)} stages, config has {len(specs)}")
+    service = [
+        s.service_ms if o.service_ms is None else ewma(s.service_ms, o.service_ms, config.latency_smoothing)
+        for s, o in zip(state.stages, obs)
+    ]
+    rates = [replica_rate_per_s(ms, spec.batch_size) for ms, spec in zip(service, specs)]
+    dt_s = None if state.time_s is None else observation.time_s - state.time_s
+    sample = arrival_rate_sample(obs[0], state.entrance_ongoing, dt_s, service[0])
+    idle = sample == 0 and all(o.queued + o.running == 0 for o in obs)
+    arrival = 0.0 if idle else ewma(state.arrival_rate_per_s, sample, config.rate_smoothing)
+
+    lower = [s.min_replicas for s in specs]
+    if idle:
+        desired = lower
+    else:
+        wanted = [demand_replicas(arrival, b, mu, config) for b, mu in zip(backlogs(obs), rates)]
+        desired = [min(s.max_replicas, max(s.min_replicas, math.ceil(w - _EPS))) for s, w in zip(specs, wanted)]
+    gpus = [s.gpu_fraction for s in specs]
+    if config.gpu_budget is not None:
+        desired = bottleneck_allocation(lower, desired, rates, gpus, config.gpu_budget)
+
+    decided, stage_states = [], []
+    for want, o, st in zip(desired, obs, state.stages):
+        held = want if idle else hysteresis_target(want, o.target_replicas, config.hysteresis)
+        n, st = apply_delay(held, o.target_replicas, st, observation.time_s, config)
+        decided.append(n)
+        stage_states.append(st)
+    if config.gpu_budget is not None and sum(n * g for n, g in zip(decided, gpus)) > config.gpu_budget + _EPS:
+        decided = [min(n, want) for n, want in zip(decided, desired)]  # the budget overrides a held downscale
+
+    new_state = PolicyState(
+        stages=tuple(replace(st, service_ms=ms) for st, ms in zip(stage_states, service)),
+        arrival_rate_per_s=arrival,
+        entrance_ongoing=obs[0].queued + obs[0].running,
+        time_s=observation.time_s,
+    )
+    return {s.name: n for s, n in zip(specs, decided)}, new_state
