@@ -233,8 +233,10 @@ def zoo(as_json: bool) -> None:
 
 def _register() -> None:
     """Commands that live beside the subsystem they drive."""
+    from cli.compress import compress
     from cli.simulate import simulate
 
+    main.add_command(compress)
     main.add_command(simulate)
 
 

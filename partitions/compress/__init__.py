@@ -1,0 +1,1 @@
+"""Compression before partitioning: sensitivity analysis, structured pruning, quantization, a report."""
