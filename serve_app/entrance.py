@@ -1,0 +1,157 @@
+"""The ingress deployment: Open Inference Protocol (KServe v2) over HTTP, and a Python-handle method.
+
+HTTP (the app's route prefix, usually ``/``):
+
+* ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``: server liveness, readiness, metadata.
+* ``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``: model metadata (inputs/outputs with name,
+  datatype such as ``FP32``, shape with -1 for the batch) and readiness.
+* ``POST /v2/models/{name}/infer``: OIP JSON (and its binary extension), ``.npy`` or Arrow IPC; see
+  :mod:`serve_app.codecs`. The answer uses the request's format.
+
+Errors answer ``{"error": "..."}`` naming the expected shape and dtype: 400 bad input, 404 unknown model,
+413 body over ``max_body_bytes``, 415 unknown Content-Type, 500 only for failures inside the model.
+
+Python: ``serve.get_app_handle(app_name).infer.remote(x)`` with ``x`` an array (single-input models) or a
+dict of arrays by input name; it resolves to a dict of numpy outputs by output name, whatever their number.
+(``handle.remote(x)`` itself is the HTTP entry point: Serve gives ``__call__`` to the FastAPI app.)
+
+The stages are chained without awaiting intermediates (``h1.remote(h0.remote(x))``; a stage reading from
+several stages, in a DAG plan, gets all their responses): intermediate payloads go from stage to stage
+through Ray's object store, and many requests are in flight at once.
+"""
+
+# No ``from __future__ import annotations``: FastAPI must see ``Request`` itself in the route signatures.
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from partitions.artifacts import read_plan
+from partitions.runtime import outputs_of
+from partitions.types import TensorSpec
+from serve_app import codecs
+from serve_app.tensors import BadRequest, Payload, check_inputs, describe, oip_datatype
+
+logger = logging.getLogger("ray.serve")
+api = FastAPI(title="partserve", docs_url=None, redoc_url=None)
+
+
+def _metadata(specs: list[TensorSpec]) -> list[dict[str, object]]:
+    return [{"name": t.name, "datatype": oip_datatype(t.dtype), "shape": list(t.shape)} for t in specs]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Entrance:
+    """Checks requests against the plan's inputs and sends them through the stage deployments."""
+
+    def __init__(self, stages: list[DeploymentHandle], plan_uri: str, model_name: str, max_body_bytes: int) -> None:
+        """``max_body_bytes``: largest accepted request body, in bytes."""
+        self.stages = stages
+        self.plan = read_plan(plan_uri)
+        self.model_name = model_name
+        self.max_body_bytes = max_body_bytes
+
+    async def infer(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on ``inputs`` (an array for single-input models, or arrays by input name); returns
+        the outputs by name. Raises :class:`BadRequest` for inputs that do not fit the plan."""
+        if isinstance(inputs, np.ndarray):
+            if len(self.plan.inputs) != 1:
+                raise BadRequest(f"the model takes inputs {[t.name for t in self.plan.inputs]}: pass a dict")
+            inputs = {self.plan.inputs[0].name: inputs}
+        return await self._run(check_inputs(self.plan.inputs, inputs))
+
+    async def _run(self, payload: Payload) -> dict[str, np.ndarray]:
+        """Call every stage at once, each on the (not yet computed) responses of the stages it reads from,
+        then await the stages no other stage reads from."""
+        responses: dict[int, DeploymentResponse] = {}
+        for stage in self.plan.stages:
+            reads = [responses[j] for j in stage.after] or [payload]
+            responses[stage.index] = self.stages[stage.index].remote(*reads)
+        merged: Payload = {}
+        for sent in await asyncio.gather(*(responses[i] for i in self.plan.sinks())):
+            merged.update(sent)
+        return outputs_of(self.plan, merged)
+
+    @api.get("/v2/health/live")
+    def live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    def ready(self) -> dict[str, bool]:
+        return {"ready": True}
+
+    @api.get("/v2")
+    def server_metadata(self) -> dict[str, object]:
+        return {"name": "partserve", "version": "1", "extensions": ["binary_tensor_data"]}
+
+    @api.get("/v2/models/{name}")
+    def model_metadata(self, name: str) -> Response:
+        if name != self.model_name:
+            return self._unknown(name)
+        return JSONResponse(
+            {
+                "name": self.model_name,
+                "versions": ["1"],
+                "platform": "pytorch_partserve",
+                "inputs": _metadata(self.plan.inputs),
+                "outputs": _metadata(self.plan.outputs),
+            }
+        )
+
+    @api.get("/v2/models/{name}/ready")
+    def model_ready(self, name: str) -> Response:
+        return self._unknown(name) if name != self.model_name else JSONResponse({"name": name, "ready": True})
+
+    @api.post("/v2/models/{name}/infer")
+    async def infer_http(self, name: str, request: Request) -> Response:
+        if name != self.model_name:
+            return self._unknown(name)
+        try:
+            body = await self._body(request)
+            req = codecs.decode(
+                body, request.headers.get("content-type"), request.headers.get(codecs.HEADER_LENGTH), self.plan.inputs
+            )
+            payload = check_inputs(self.plan.inputs, req.arrays)
+        except BadRequest as exc:
+            return _error(exc.status, str(exc))
+        try:
+            outputs = await self._run(payload)
+        except Exception as exc:
+            logger.exception("inference failed")
+            return _error(500, f"inference failed: {type(exc).__name__}: {exc}")
+        try:
+            out = codecs.encode(req, outputs, self.model_name)
+        except BadRequest as exc:
+            return _error(exc.status, str(exc))
+        return Response(out.body, media_type=out.media_type, headers=out.headers)
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refusing more than ``max_body_bytes`` before reading it all."""
+        too_big = BadRequest(f"request body over the {self.max_body_bytes}-byte limit", 413)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            raise too_big
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _unknown(self, name: str) -> JSONResponse:
+        return _error(
+            404, f"unknown model {name!r}; this server has {self.model_name!r}, taking {describe(self.plan.inputs)}"
+        )
