@@ -234,10 +234,12 @@ def zoo(as_json: bool) -> None:
 def _register() -> None:
     """Commands that live beside the subsystem they drive."""
     from cli.compress import compress
+    from cli.k8s import k8s
+    from cli.serving import build, run
     from cli.simulate import simulate
 
-    main.add_command(compress)
-    main.add_command(simulate)
+    for command in (run, build, compress, simulate, k8s):
+        main.add_command(command)
 
 
 _register()

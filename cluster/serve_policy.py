@@ -28,6 +28,17 @@ from ray.serve.config import AutoscalingContext
 from cluster.policy import PipelineObservation, PolicyConfig, StageObservation, StageSpec, initial_state, step
 
 FULL_BATCH_METRIC = "full_batch_ms"
+POLICY_FUNCTION = "cluster.serve_policy:PipelineAutoscalingPolicy"
+
+
+def policy_section(stages: list[dict[str, Any]], gpu_budget: float | None = None, **config: Any) -> dict[str, Any]:
+    """The app config's ``autoscaling_policy`` entry: this policy with ``stages`` (:class:`StageSpec` fields:
+    name, service_ms, batch_size, gpu_fraction, min_replicas, max_replicas) and :class:`PolicyConfig` fields."""
+    kwargs: dict[str, Any] = {"stages": stages, **config}
+    if gpu_budget is not None:
+        kwargs["gpu_budget"] = gpu_budget
+    PolicyConfig(stages=tuple(StageSpec(**s) for s in stages), **{k: v for k, v in kwargs.items() if k != "stages"})
+    return {"policy_function": POLICY_FUNCTION, "policy_kwargs": kwargs}
 
 
 def stage_observation(ctx: AutoscalingContext) -> StageObservation:

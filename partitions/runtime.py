@@ -65,6 +65,8 @@ class StageRunner:
         return result
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        if not array.flags.writeable:  # a zero-copy view of Ray's object store: programs may write inputs
+            array = array.copy()
         t = torch.from_numpy(np.ascontiguousarray(array))
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)

@@ -101,6 +101,26 @@ def build_app(args: AppArgs) -> Application:
     )
 
 
+def pipeline_policy(plan: Plan, args: AppArgs, gpu_budget: float | None = None) -> dict[str, Any]:
+    """The coordinated autoscaling policy (:mod:`cluster.serve_policy`) for this plan's stage deployments,
+    starting from the profiled stage times."""
+    from cluster.serve_policy import policy_section
+
+    batch = args.max_batch_size or plan.batch_size
+    stages = [
+        {
+            "name": stage_name(s.index),
+            "service_ms": max(s.measured_ms * batch / plan.batch_size, 1e-3),
+            "batch_size": batch,
+            "gpu_fraction": s.gpu_fraction if args.gpus else 0.0,
+            "min_replicas": args.min_replicas,
+            "max_replicas": args.max_replicas,
+        }
+        for s in plan.stages
+    ]
+    return policy_section(stages, gpu_budget)
+
+
 def serve_config(
     plan_uri: str,
     *,
@@ -119,7 +139,11 @@ def serve_config(
     which Serve only takes from the config; it overrides the deployments' own policies.
     """
     app_args = AppArgs(plan_uri=plan_uri, **args)
-    options = deployment_options(read_plan(plan_uri), app_args)
+    plan = read_plan(plan_uri)
+    options = deployment_options(plan, app_args)
+    if autoscaling_policy is not None:
+        for stage in plan.stages:  # the application policy's own delays govern, not Serve's defaults
+            options[stage_name(stage.index)]["autoscaling_config"].update(upscale_delay_s=0, downscale_delay_s=0)
     app: dict[str, Any] = {
         "name": app_name,
         "route_prefix": route_prefix,

@@ -1,9 +1,11 @@
 """Run the application on this machine (or on a Ray cluster) and wait until it answers.
 
-* ``start(plan_uri, ...) -> app name``: connects to Ray (``address``; starts a local instance without the
-  dashboard when none is running), starts Serve's HTTP proxy on ``host:port`` (if Serve is not running
-  yet) and deploys the app at ``route_prefix`` (``/``). Returns once every deployment is running.
+* ``start(plan_uri, ...) -> app name``: connects to Ray at ``address``, or starts a new local instance
+  without the dashboard (never joins one it happens to find), starts Serve's HTTP proxy on ``host:port``
+  (if Serve is not running yet) and deploys the app at ``route_prefix`` (``/``); returns once it runs.
 * ``wait_ready(url, timeout_s)``: polls ``{url}/v2/health/ready`` until it answers 200.
+* ``deploy_config(config, address)``: the same from a Serve config dict (see ``serve_app.app.serve_config``),
+  the only way to apply an application-level autoscaling policy; ``wait_running(names)`` waits for it.
 * ``stop()``: removes every Serve app and shuts down the Ray instance this process started or joined.
 
 Then ``serve.get_app_handle(name).infer.remote(x)`` runs the model from Python (see
@@ -39,10 +41,39 @@ def start(
     ``args`` each stage reserves its planned share. ``args`` are further :class:`AppArgs` fields.
     """
     if not ray.is_initialized():
-        ray.init(address=address, num_gpus=num_gpus, include_dashboard=False)
+        ray.init(address=address or "local", num_gpus=num_gpus, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(AppArgs(plan_uri=plan_uri, **args)), name=name, route_prefix=route_prefix)
     return name
+
+
+def deploy_config(config: dict[str, Any], address: str | None = None, num_gpus: float | None = None) -> list[str]:
+    """Deploy a Serve config (as ``serve run config.yaml`` does, so an application-level autoscaling policy
+    applies) on the Ray at ``address``, or a new local one; returns the application names."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    if not ray.is_initialized():
+        ray.init(address=address or "local", num_gpus=num_gpus, include_dashboard=False)
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema, _blocking=False)
+    return [app.name for app in schema.applications]
+
+
+def wait_running(names: list[str], timeout_s: float = 120.0) -> None:
+    """Wait until Serve reports every application in ``names`` RUNNING; raise on DEPLOY_FAILED or timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {n: str(apps[n].status) if n in apps else "NOT_STARTED" for n in names}
+        failed = [f"{n}: {apps[n].message}" for n, st in states.items() if st.endswith("DEPLOY_FAILED")]
+        if failed:
+            raise RuntimeError("deploy failed: " + "; ".join(failed))
+        if all(st.endswith("RUNNING") for st in states.values()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"applications {names} not running after {timeout_s:.0f} s ({states})")
 
 
 def wait_ready(url: str, timeout_s: float = 60.0) -> None:
@@ -61,8 +92,14 @@ def wait_ready(url: str, timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s ({last})")
 
 
-def stop() -> None:
-    """Shut down Serve and disconnect from (or stop the local) Ray."""
-    if ray.is_initialized():
+def stop(names: list[str] | None = None) -> None:
+    """Delete the applications ``names`` and disconnect (a shared cluster keeps running); with no names,
+    shut down Serve and disconnect from (or stop the local) Ray."""
+    if not ray.is_initialized():
+        return
+    if names is None:
         serve.shutdown()
-        ray.shutdown()
+    else:
+        for name in names:
+            serve.delete(name)
+    ray.shutdown()

@@ -1,0 +1,242 @@
+"""``partserve run`` (the embedded default: plan if needed, deploy on a local Ray, serve) and ``build``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import click
+
+from cli.output import console, domain_errors, emit_json, err_console, progress_bar
+
+DEFAULT_MODEL = "demo-transformer"
+DEFAULT_STAGES = 4
+
+
+def cache_dir() -> str:
+    """Where ``run`` keeps the plans it makes: ``$PARTSERVE_CACHE`` or ``~/.cache/partserve``."""
+    root = os.environ.get("PARTSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "partserve")
+    return os.path.join(root, "plans")
+
+
+def resolve_plan(target: str | None, stages: int, batch_size: int, show_progress: bool) -> str:
+    """A plan URI for ``target``: a plan directory as given, else MODEL planned once into the cache."""
+    from partitions.artifacts import read_file
+    from partitions.errors import ArtifactError
+    from partitions.partition import PlanOptions, build_plan
+    from partitions.plan import PLAN_FILE
+    from partitions.source import load_model
+
+    if target is not None:
+        try:
+            read_file(target, PLAN_FILE)
+            return target
+        except ArtifactError:
+            pass  # not a plan directory: a MODEL spec
+    spec = target or DEFAULT_MODEL
+    key = hashlib.sha256(json.dumps([spec, stages, batch_size]).encode()).hexdigest()[:12]
+    uri = os.path.join(cache_dir(), f"{os.path.basename(spec.rstrip('/')) or 'model'}-{key}")
+    if os.path.exists(os.path.join(uri, PLAN_FILE)):
+        return uri
+    with progress_bar(show_progress) as progress:
+        build_plan(load_model(spec, {}, batch_size), uri, PlanOptions(stages=stages), progress)
+    return uri
+
+
+def _serve_config(plan_uri: str, host: str, port: int, autoscale: bool, gpu_budget: float | None, **args: Any):
+    from partitions.artifacts import read_plan
+    from serve_app.app import AppArgs, pipeline_policy, serve_config
+
+    policy = pipeline_policy(read_plan(plan_uri), AppArgs(plan_uri=plan_uri, **args), gpu_budget) if autoscale else None
+    return serve_config(plan_uri, host=host, port=port, autoscaling_policy=policy, **args)
+
+
+def curl_example(url: str, model: str, inputs: list) -> str:
+    """A one-sample OIP JSON request for the plan's inputs (zeros), as a curl command."""
+    tensors = []
+    for spec in inputs:
+        shape = [1 if d == -1 else d for d in spec.shape]
+        size = 1
+        for d in shape:
+            size *= d
+        from serve_app.tensors import oip_datatype
+
+        tensors.append({"name": spec.name, "shape": shape, "datatype": oip_datatype(spec.dtype), "data": [0] * size})
+    body = json.dumps({"inputs": tensors}, separators=(",", ":"))
+    return f"curl -s {url}/v2/models/{model}/infer -H 'Content-Type: application/json' -d '{body}'"
+
+
+def _interrupt(*_: object) -> None:
+    """SIGTERM stops ``run`` as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+scaling_options = [
+    click.option("--gpus", is_flag=True, help="Reserve each stage's planned GPU share (fractional GPUs)."),
+    click.option(
+        "--replica-cpus",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
+        help="CPUs reserved per replica (0: replicas share the machine's cores).",
+    ),
+    click.option("--min-replicas", type=click.IntRange(min=0), default=1, show_default=True),
+    click.option("--max-replicas", type=click.IntRange(min=1), default=2, show_default=True),
+    click.option(
+        "--autoscale/--no-autoscale",
+        default=True,
+        show_default=True,
+        help="The coordinated pipeline autoscaling policy (cluster/serve_policy.py).",
+    ),
+    click.option("--gpu-budget", type=click.FloatRange(min=0), help="GPUs for all stage replicas together."),
+]
+
+
+def with_scaling(fn):
+    for option in reversed(scaling_options):
+        fn = option(fn)
+    return fn
+
+
+@click.command()
+@click.argument("target", required=False)
+@click.option(
+    "--stages",
+    type=click.IntRange(min=1),
+    default=DEFAULT_STAGES,
+    show_default=True,
+    help="Stages when planning MODEL.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--address", help="Join this Ray cluster (e.g. auto or ray://host:10001) instead of starting one.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@with_scaling
+@click.option("--json", "as_json", is_flag=True, help="Print the ready line as JSON.")
+@domain_errors
+def run(
+    target: str | None,
+    stages: int,
+    batch_size: int,
+    address: str | None,
+    host: str,
+    port: int,
+    gpus: bool,
+    replica_cpus: float,
+    min_replicas: int,
+    max_replicas: int,
+    autoscale: bool,
+    gpu_budget: float | None,
+    as_json: bool,
+) -> None:
+    """Serve TARGET (a plan directory, or a MODEL planned once into a cache; default: the demo transformer)
+    on a local Ray, or the cluster at --address, until Ctrl-C."""
+    from partitions.artifacts import read_plan
+    from serve_app import local
+    from serve_app.app import default_model_name
+
+    started = time.monotonic()
+    uri = resolve_plan(target, stages, batch_size, not as_json)
+    plan = read_plan(uri)
+    config = _serve_config(
+        uri,
+        host,
+        port,
+        autoscale,
+        gpu_budget,
+        gpus=gpus,
+        num_cpus=replica_cpus,
+        min_replicas=min_replicas,
+        max_replicas=max(max_replicas, min_replicas, 1),
+    )
+    if not as_json:
+        err_console.print(f"deploying {len(plan.stages)} stages of {plan.model['spec']} from {uri} ...")
+    names = local.deploy_config(config, address)
+    try:
+        local.wait_running(names)
+        url = f"http://{host}:{port}"
+        local.wait_ready(url)
+        model = default_model_name(plan)
+        ready = {
+            "url": url,
+            "model": model,
+            "stages": len(plan.stages),
+            "plan": uri,
+            "ready_after_s": round(time.monotonic() - started, 1),
+            "curl": curl_example(url, model, plan.inputs),
+        }
+        if as_json:
+            emit_json(ready)
+        else:
+            console.print(
+                f"[green]ready[/green] in {ready['ready_after_s']} s: {model} ({len(plan.stages)} stages) "
+                f"at {url}/v2/models/{model}; Ctrl-C stops. Try:",
+                highlight=False,
+            )
+            console.print(ready["curl"], highlight=False, soft_wrap=True)
+        signal.signal(signal.SIGTERM, _interrupt)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        err_console.print("stopping ...")
+        local.stop(names if address else None)
+
+
+@click.command()
+@click.argument("plan_dir")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="serve_config.yaml")
+@click.option("--plan-uri", help="Where the cluster reads the plan (default: PLAN_DIR), e.g. s3://bucket/plan.")
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@with_scaling
+@click.option("--json", "as_json", is_flag=True, help="Print the config as JSON too.")
+@domain_errors
+def build(
+    plan_dir: str,
+    out: str,
+    plan_uri: str | None,
+    host: str,
+    port: int,
+    gpus: bool,
+    replica_cpus: float,
+    min_replicas: int,
+    max_replicas: int,
+    autoscale: bool,
+    gpu_budget: float | None,
+    as_json: bool,
+) -> None:
+    """Write a Serve config for PLAN_DIR that `serve deploy` and `serve run` accept."""
+    import yaml
+
+    from partitions.artifacts import read_plan
+
+    read_plan(plan_dir)  # fail early, with a clear message, on a missing or broken plan
+    config = _serve_config(
+        plan_uri or plan_dir,
+        host,
+        port,
+        autoscale,
+        gpu_budget,
+        gpus=gpus,
+        num_cpus=replica_cpus,
+        min_replicas=min_replicas,
+        max_replicas=max(max_replicas, min_replicas, 1),
+    )
+    with open(out, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    if as_json:
+        emit_json(config)
+    else:
+        app = config["applications"][0]
+        console.print(
+            f"wrote {out}: {len(app['deployments'])} deployments, "
+            f"autoscaling {'coordinated' if autoscale else 'per deployment'}; "
+            f"deploy with: serve deploy {out}",
+            highlight=False,
+        )
