@@ -233,12 +233,13 @@ def zoo(as_json: bool) -> None:
 
 def _register() -> None:
     """Commands that live beside the subsystem they drive."""
+    from cli.bench import bench
     from cli.compress import compress
     from cli.k8s import k8s
     from cli.serving import build, run
     from cli.simulate import simulate
 
-    for command in (run, build, compress, simulate, k8s):
+    for command in (run, build, bench, compress, simulate, k8s):
         main.add_command(command)
 
 

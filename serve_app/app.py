@@ -35,9 +35,15 @@ class AppArgs(BaseModel):
     model_name: str | None = None
     """Name in ``/v2/models/{name}``; default: derived from the plan's model spec."""
     max_batch_size: int | None = Field(None, ge=1)
-    """Requests per stage batch; default: the plan's batch size."""
+    """Samples per batch the entrance sends through the pipeline; default: the plan's batch size."""
     batch_wait_timeout_s: float = Field(0.005, ge=0)
-    """Seconds a stage batch waits for more requests after its first."""
+    """Seconds a batch (at the entrance and at each stage) waits for more requests after its first."""
+    max_concurrent_batches: int | None = Field(None, ge=1)
+    """Batches each entrance replica keeps in the pipeline at once; default: stages + 1, so every stage
+    has work while the next batch forms."""
+    entrance_replicas: int = Field(1, ge=1)
+    cache_bytes: int = Field(0, ge=0)
+    """Size of the entrance's result cache in bytes (0: off): repeated inputs skip the pipeline."""
     max_body_bytes: int = Field(64 * 2**20, ge=1)
     """Largest accepted HTTP request body, in bytes (larger: 413)."""
     gpus: bool = False
@@ -69,7 +75,7 @@ def deployment_options(plan: Plan, args: AppArgs) -> dict[str, dict[str, Any]]:
         ENTRANCE: {
             "ray_actor_options": {"num_cpus": args.num_cpus},
             "max_ongoing_requests": args.entrance_max_ongoing_requests,
-            "autoscaling_config": scaling,
+            "num_replicas": args.entrance_replicas,
         }
     }
     for stage in plan.stages:
@@ -97,7 +103,14 @@ def build_app(args: AppArgs) -> Application:
     ]
     model_name = args.model_name or default_model_name(plan)
     return Entrance.options(name=ENTRANCE, **options[ENTRANCE]).bind(
-        stages, args.plan_uri, model_name, args.max_body_bytes
+        stages,
+        args.plan_uri,
+        model_name,
+        args.max_body_bytes,
+        batch,
+        args.batch_wait_timeout_s,
+        args.max_concurrent_batches or len(plan.stages) + 1,
+        args.cache_bytes,
     )
 
 

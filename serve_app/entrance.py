@@ -33,9 +33,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from partitions.artifacts import read_plan
+from partitions.plan import Plan
 from partitions.runtime import outputs_of
 from partitions.types import TensorSpec
 from serve_app import codecs
+from serve_app.cache import ResultCache, input_key, plan_version
+from serve_app.stage import concat, samples, split
 from serve_app.tensors import BadRequest, Payload, check_inputs, describe, oip_datatype
 
 logger = logging.getLogger("ray.serve")
@@ -44,6 +47,23 @@ api = FastAPI(title="partserve", docs_url=None, redoc_url=None)
 
 def _metadata(specs: list[TensorSpec]) -> list[dict[str, object]]:
     return [{"name": t.name, "datatype": oip_datatype(t.dtype), "shape": list(t.shape)} for t in specs]
+
+
+async def run_stages(plan: Plan, stages: list[DeploymentHandle], payload: Payload) -> dict[str, np.ndarray]:
+    """Call every stage at once, each on the (not yet computed) responses of the stages it reads from, then
+    await the stages no other stage reads from: intermediates go stage to stage through the object store."""
+    responses: dict[int, DeploymentResponse] = {}
+    for stage in plan.stages:
+        responses[stage.index] = stages[stage.index].remote(*([responses[j] for j in stage.after] or [payload]))
+    merged: Payload = {}
+    for sent in await asyncio.gather(*(responses[i] for i in plan.sinks())):
+        merged.update(sent)
+    return outputs_of(plan, merged)
+
+
+def total_samples(payloads: list[Payload]) -> int:
+    """Samples in a list of payloads: what an entrance batch is sized in."""
+    return sum(map(samples, payloads))
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -55,12 +75,34 @@ def _error(status: int, message: str) -> JSONResponse:
 class Entrance:
     """Checks requests against the plan's inputs and sends them through the stage deployments."""
 
-    def __init__(self, stages: list[DeploymentHandle], plan_uri: str, model_name: str, max_body_bytes: int) -> None:
-        """``max_body_bytes``: largest accepted request body, in bytes."""
+    def __init__(
+        self,
+        stages: list[DeploymentHandle],
+        plan_uri: str,
+        model_name: str,
+        max_body_bytes: int,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        max_concurrent_batches: int,
+        cache_bytes: int = 0,
+    ) -> None:
+        """``max_batch_size``: samples per pipeline batch; ``batch_wait_timeout_s``: seconds a batch waits for
+        more requests; ``max_concurrent_batches``: batches in the pipeline at once (enough to keep every
+        stage busy); ``cache_bytes``: size of the result cache (0: off); ``max_body_bytes``: largest body."""
         self.stages = stages
         self.plan = read_plan(plan_uri)
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
+        self.max_batch_size = max_batch_size
+        # Wrapped per instance: max_concurrent_batches has no setter on a decorated method.
+        self.pipeline_batch = serve.batch(
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
+            max_concurrent_batches=max_concurrent_batches,
+            batch_size_fn=total_samples,
+        )(self._pipeline)
+        self.cache = ResultCache(cache_bytes) if cache_bytes else None
+        self.version = plan_version(self.plan)
 
     async def infer(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on ``inputs`` (an array for single-input models, or arrays by input name); returns
@@ -69,19 +111,47 @@ class Entrance:
             if len(self.plan.inputs) != 1:
                 raise BadRequest(f"the model takes inputs {[t.name for t in self.plan.inputs]}: pass a dict")
             inputs = {self.plan.inputs[0].name: inputs}
-        return await self._run(check_inputs(self.plan.inputs, inputs))
+        return await self._serve(check_inputs(self.plan.inputs, inputs))
+
+    async def _serve(self, payload: Payload) -> dict[str, np.ndarray]:
+        """One request: from the cache, or batched with others through the pipeline (a request as large as
+        a batch goes alone)."""
+        key = input_key(self.version, payload) if self.cache is not None else None
+        if key is not None and (hit := self.cache.get(key)) is not None:
+            return hit
+        if samples(payload) >= self.max_batch_size:
+            outputs = await self._run(payload)
+        else:
+            outputs = await self.pipeline_batch(payload)
+            if isinstance(outputs, Exception):
+                raise outputs
+        if key is not None:
+            self.cache.put(key, outputs)
+        return outputs
+
+    async def _pipeline(self, payloads: list[Payload]) -> list[dict[str, np.ndarray] | Exception]:
+        """Send requests through the pipeline as one batch (per-hop costs are paid per batch, not per sample);
+        if the batch fails, each request goes alone so only the failing ones fail."""
+        merged, sizes = concat(payloads)
+        try:
+            return split(await self._run(merged), sizes)
+        except Exception as exc:
+            if len(payloads) == 1:
+                return [exc]
+        results: list[dict[str, np.ndarray] | Exception] = []
+        for payload in payloads:
+            try:
+                results.append(await self._run(payload))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     async def _run(self, payload: Payload) -> dict[str, np.ndarray]:
-        """Call every stage at once, each on the (not yet computed) responses of the stages it reads from,
-        then await the stages no other stage reads from."""
-        responses: dict[int, DeploymentResponse] = {}
-        for stage in self.plan.stages:
-            reads = [responses[j] for j in stage.after] or [payload]
-            responses[stage.index] = self.stages[stage.index].remote(*reads)
-        merged: Payload = {}
-        for sent in await asyncio.gather(*(responses[i] for i in self.plan.sinks())):
-            merged.update(sent)
-        return outputs_of(self.plan, merged)
+        return await run_stages(self.plan, self.stages, payload)
+
+    def cache_stats(self) -> dict[str, int] | None:
+        """Hits, misses, entries and bytes of the result cache; None when it is off."""
+        return self.cache.stats() if self.cache is not None else None
 
     @api.get("/v2/health/live")
     def live(self) -> dict[str, bool]:
@@ -126,7 +196,7 @@ class Entrance:
         except BadRequest as exc:
             return _error(exc.status, str(exc))
         try:
-            outputs = await self._run(payload)
+            outputs = await self._serve(payload)
         except Exception as exc:
             logger.exception("inference failed")
             return _error(500, f"inference failed: {type(exc).__name__}: {exc}")
