@@ -29,6 +29,11 @@ STATS_WINDOW = 32
 """Batches the autoscaling metric looks back over."""
 
 
+def samples(payload: Payload) -> int:
+    """Samples in a payload: the length of its batch dimension."""
+    return len(next(iter(payload.values())))
+
+
 def concat(payloads: list[Payload]) -> tuple[Payload, list[int]]:
     """One payload holding every request's samples, and each request's batch length."""
     sizes = [len(next(iter(p.values()))) for p in payloads]
