@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
-from cli.output import console, domain_errors, emit_json, human_bytes, table
+from cli.output import console, domain_errors, emit_json, human_bytes, parse_pairs, table
 
 
 def _pairs(text: str | None, cast: type, option: str) -> dict[str, Any]:
@@ -30,19 +29,6 @@ def _ratio(text: str | None) -> float | dict[str, float] | None:
         return float(text)
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a ratio or LAYER=RATIO list", param_hint="--prune-ratio") from None
-
-
-def _model_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="-O")
-        try:
-            options[key.replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = raw
-    return options
 
 
 @click.command("compress")
@@ -115,7 +101,7 @@ def compress(
     from partitions.compress.prune import load_hook
     from partitions.source import load_model
 
-    source = load_model(model, _model_options(model_opts), batch_size)
+    source = load_model(model, parse_pairs(model_opts, "-O"), batch_size)
     calib = calibration_inputs(source, calibration, calibration_samples, seed)
     if sensitivity:
         _sensitivity(source, calib, importance, seed, as_json)  # type: ignore[arg-type]

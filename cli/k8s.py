@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import click
 
-from cli.output import console, domain_errors, emit_json, table
-
-
-def _app_args(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs (values as JSON where they parse) -> serve_config arguments."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--app-arg")
-        try:
-            out[key.replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = raw
-    return out
+from cli.output import console, domain_errors, emit_json, parse_pairs, table
 
 
 @click.command("k8s")
@@ -84,7 +67,7 @@ def k8s(
         min_replicas=min_replicas,
         max_replicas=max_replicas,
         num_cpus=num_cpus,
-        **_app_args(app_args),
+        **parse_pairs(app_args, "--app-arg"),
     )
     text = dump(manifest)
     if output == "-":

@@ -14,6 +14,7 @@ from cli.output import (
     emit_json,
     human_bytes,
     parse_bytes,
+    parse_pairs,
     progress_bar,
     table,
 )
@@ -28,16 +29,7 @@ def main() -> None:
 
 
 def _model_options(pairs: tuple[str, ...], named: dict[str, Any]) -> dict[str, Any]:
-    options = {k: v for k, v in named.items() if v is not None}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="-O")
-        try:
-            options[key.replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = raw
-    return options
+    return {**{k: v for k, v in named.items() if v is not None}, **parse_pairs(pairs, "-O")}
 
 
 @main.command()

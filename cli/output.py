@@ -47,6 +47,20 @@ def parse_bytes(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
+def parse_pairs(pairs: tuple[str, ...], hint: str) -> dict[str, Any]:
+    """``KEY=VALUE`` options (values as JSON where they parse, else strings; ``-`` in keys becomes ``_``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=hint)
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = raw
+    return out
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

@@ -115,7 +115,11 @@ def _call_factory(spec: str, factory, options: dict[str, Any], batch_size: int):
     kwargs = dict(options)
     if "batch_size" in params:
         kwargs["batch_size"] = batch_size
-    result = factory(**kwargs)
+    try:
+        result = factory(**kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        raise ModelError(f"{spec} failed with {given}: {type(exc).__name__}: {exc}", "check the option values") from exc
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
         raise ModelError(f"{spec} returned {type(result).__name__}", "return (module, example_inputs)")
     return result

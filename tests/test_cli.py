@@ -54,6 +54,7 @@ def test_plan_table_names_capture_path(tmp_path) -> None:
         (["plan", "demo-mlp", "--max-stage-memory", "1KB", "-o", "{tmp}/p"], "raise --max-stage-memory"),
         (["plan", "demo-mlp", "-O", "colour=red", "--stages", "2", "-o", "{tmp}/p"], "accepted options"),
         (["plan", "demo-mlp", "-o", "{tmp}/p"], "--stages"),
+        (["plan", "demo-mlp", "-O", "depth=oops", "--stages", "2", "-o", "{tmp}/p"], "check the option values"),
         (["verify", "{tmp}/missing"], "partserve plan"),
     ],
 )
