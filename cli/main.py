@@ -72,6 +72,7 @@ def _model_options(pairs: tuple[str, ...], named: dict[str, Any]) -> dict[str, A
     show_default=True,
     help="Fixed cost of each hand-off between stages (ms).",
 )
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads while profiling on CPU (as in serving).")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repeats per node.")
 @click.option("--layers", type=int, help="Model option: number of layers (zoo transformer).")
 @click.option("--width", type=int, help="Model option: hidden width.")
@@ -90,6 +91,7 @@ def plan(
     objective: str,
     branches: bool,
     hop_ms: float,
+    threads: int | None,
     repeats: int,
     layers: int | None,
     width: int | None,
@@ -119,6 +121,7 @@ def plan(
         objective=objective,
         branches=branches,
         hop_ms=hop_ms,
+        threads=threads,
     )
     with progress_bar(not as_json) as progress:
         result = build_plan(source, out, opts, progress)
@@ -230,8 +233,9 @@ def _register() -> None:
     from cli.k8s import k8s
     from cli.serving import build, run
     from cli.simulate import simulate
+    from cli.status import status
 
-    for command in (run, build, bench, compress, simulate, k8s):
+    for command in (run, build, status, bench, compress, simulate, k8s):
         main.add_command(command)
 
 

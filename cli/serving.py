@@ -38,12 +38,16 @@ def resolve_plan(target: str | None, stages: int, batch_size: int, show_progress
         except ArtifactError:
             pass  # not a plan directory: a MODEL spec
     spec = target or DEFAULT_MODEL
-    key = hashlib.sha256(json.dumps([spec, stages, batch_size]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([spec, stages, batch_size, 1]).encode()).hexdigest()[:12]
     uri = os.path.join(cache_dir(), f"{os.path.basename(spec.rstrip('/')) or 'model'}-{key}")
     if os.path.exists(os.path.join(uri, PLAN_FILE)):
         return uri
+    import torch
+
+    # Stage replicas on CPU run one torch thread each (Ray's default for num_cpus=0): profile the same way.
+    threads = None if torch.cuda.is_available() else 1
     with progress_bar(show_progress) as progress:
-        build_plan(load_model(spec, {}, batch_size), uri, PlanOptions(stages=stages), progress)
+        build_plan(load_model(spec, {}, batch_size), uri, PlanOptions(stages=stages, threads=threads), progress)
     return uri
 
 
@@ -93,6 +97,11 @@ scaling_options = [
         help="The coordinated pipeline autoscaling policy (cluster/serve_policy.py).",
     ),
     click.option("--gpu-budget", type=click.FloatRange(min=0), help="GPUs for all stage replicas together."),
+    click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False),
+        help="Require this bearer token on HTTP (else $PARTSERVE_TOKEN in the replicas' environment).",
+    ),
 ]
 
 
@@ -131,6 +140,7 @@ def run(
     max_replicas: int,
     autoscale: bool,
     gpu_budget: float | None,
+    token_file: str | None,
     as_json: bool,
 ) -> None:
     """Serve TARGET (a plan directory, or a MODEL planned once into a cache; default: the demo transformer)
@@ -151,6 +161,7 @@ def run(
         gpus=gpus,
         num_cpus=replica_cpus,
         min_replicas=min_replicas,
+        auth_token_file=os.path.abspath(token_file) if token_file else None,
         max_replicas=max(max_replicas, min_replicas, 1),
     )
     if not as_json:
@@ -209,6 +220,7 @@ def build(
     max_replicas: int,
     autoscale: bool,
     gpu_budget: float | None,
+    token_file: str | None,
     as_json: bool,
 ) -> None:
     """Write a Serve config for PLAN_DIR that `serve deploy` and `serve run` accept."""
@@ -226,6 +238,7 @@ def build(
         gpus=gpus,
         num_cpus=replica_cpus,
         min_replicas=min_replicas,
+        auth_token_file=token_file,  # a path on the cluster nodes
         max_replicas=max(max_replicas, min_replicas, 1),
     )
     with open(out, "w") as f:

@@ -149,8 +149,9 @@ def replica_rate_per_s(service_ms: float, batch_size: int) -> float:
     return batch_size * 1000.0 / service_ms
 
 
-def arrival_rate_sample(entrance: StageObservation, previous_ongoing: float, dt_s: float | None,
-                        service_ms: float) -> float:
+def arrival_rate_sample(
+    entrance: StageObservation, previous_ongoing: float, dt_s: float | None, service_ms: float
+) -> float:
     """Arrivals/s at the entrance: ongoing growth + completions (conservation of requests)."""
     ongoing = entrance.queued + entrance.running
     if dt_s is None or dt_s <= 0:
@@ -173,8 +174,13 @@ def demand_replicas(arrival_rate_per_s: float, backlog: float, rate_per_s: float
     return arrival_rate_per_s / (rate_per_s * config.target_utilisation) + backlog / (config.drain_time_s * rate_per_s)
 
 
-def bottleneck_allocation(lower: Sequence[int], upper: Sequence[int], rates_per_s: Sequence[float],
-                          gpu_fractions: Sequence[float], gpu_budget: float) -> list[int]:
+def bottleneck_allocation(
+    lower: Sequence[int],
+    upper: Sequence[int],
+    rates_per_s: Sequence[float],
+    gpu_fractions: Sequence[float],
+    gpu_budget: float,
+) -> list[int]:
     """Integer replicas ``lower_i <= r_i <= upper_i`` with ``sum r_i g_i <= gpu_budget`` that maximise the
     bottleneck ``min_i r_i mu_i`` over the stages below ``upper``, at least cost.
 
@@ -206,8 +212,9 @@ def hysteresis_target(desired: int, current: int, hysteresis: float) -> int:
     return desired if desired > current or desired <= current * (1 - hysteresis) else current
 
 
-def apply_delay(desired: int, current: int, stage: StageState, now_s: float,
-                config: PolicyConfig) -> tuple[int, StageState]:
+def apply_delay(
+    desired: int, current: int, stage: StageState, now_s: float, config: PolicyConfig
+) -> tuple[int, StageState]:
     """Ray-style delays: a change applies once the same direction has been wanted for its delay."""
     direction = (desired > current) - (desired < current)
     if direction == 0:
@@ -219,8 +226,9 @@ def apply_delay(desired: int, current: int, stage: StageState, now_s: float,
     return current, replace(stage, pending_direction=direction, pending_since_s=since)
 
 
-def step(observation: PipelineObservation, config: PolicyConfig,
-         state: PolicyState) -> tuple[dict[str, int], PolicyState]:
+def step(
+    observation: PipelineObservation, config: PolicyConfig, state: PolicyState
+) -> tuple[dict[str, int], PolicyState]:
     """One control tick: ``{stage name: replicas}`` for every stage, and the next state."""
     obs, specs = observation.stages, config.stages
     check(len(obs) == len(specs), f"observation has {len(obs)} stages, config has {len(specs)}")

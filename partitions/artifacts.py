@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import pyarrow.fs as pafs
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from partitions.errors import ArtifactError
 from partitions.plan import PLAN_FILE, Artifact, Plan
 
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 EXPORTED = "exported-program"
 MODULE_WEIGHTS = "module-weights"
 
@@ -92,10 +94,26 @@ def read_shard(uri: str, artifact: Artifact) -> bytes:
     return data
 
 
+@contextmanager
+def _weights_only() -> Iterator[None]:
+    """Forbid torch.load's fallback to full unpickling (torch.export.load tries it when the safe load fails),
+    so a shard runs no code even if plan.json was rewritten along with it."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
 def decode_stage(data: bytes, artifact: Artifact, rebuild_children) -> nn.Module:
     """A module that runs the stage; ``rebuild_children()`` returns the stage's modules on the meta device."""
     if artifact.format == EXPORTED:
-        return torch.export.load(io.BytesIO(data)).module()
+        with _weights_only():
+            return torch.export.load(io.BytesIO(data)).module()
     if artifact.format == MODULE_WEIGHTS:
         stage = nn.Sequential()
         for name, child in zip(artifact.children, rebuild_children()):

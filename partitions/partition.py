@@ -41,6 +41,9 @@ class PlanOptions:
     """Consider running independent branches of the graph as parallel stages."""
     hop_ms: float = 1.0
     """Fixed cost of each hand-off between stages through the serving layer, ms."""
+    threads: int | None = None
+    """torch intra-op threads while profiling on CPU; match the stage replicas' (Ray gives each one thread
+    per reserved CPU, at least one). None: torch's default."""
 
 
 def problem_of(cg: CapturedGraph, costs: list[NodeCost], batch_size: int, opts: PlanOptions) -> Problem:
@@ -65,6 +68,8 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
     """Capture, profile and partition ``source``, then write plan.json and one shard per stage to ``uri``."""
     report = progress or (lambda step, done, total: None)
     device = pick_device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     batch_size = next(iter(source.example_inputs.values())).shape[0]
     report("capture", 0, 1)
     cg = capture(source)

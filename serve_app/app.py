@@ -15,6 +15,7 @@ from ray.serve import Application
 from partitions.artifacts import read_plan
 from partitions.plan import Plan
 from serve_app.entrance import Entrance
+from serve_app.retry import RetryPolicy
 from serve_app.stage import StageDeployment
 
 IMPORT_PATH = "serve_app.app:build_app"
@@ -39,8 +40,13 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     """Seconds a batch (at the entrance and at each stage) waits for more requests after its first."""
     max_concurrent_batches: int | None = Field(None, ge=1)
-    """Batches each entrance replica keeps in the pipeline at once; default: stages + 1, so every stage
-    has work while the next batch forms."""
+    """Batches each entrance replica keeps in the pipeline at once; default: twice the stages, so every
+    stage has work and a backlog shows in the stages' queues, where the autoscaler sees it."""
+    torch_threads: int | None = Field(None, ge=1)
+    """Intra-op threads of each stage replica on CPU; default: Ray's (one per reserved CPU, at least one),
+    which lets stages run side by side on the cores."""
+    stage_max_batch_size: int | None = Field(None, ge=1)
+    """Samples a stage replica runs at once, merging what is waiting for it; default: 4 x max_batch_size."""
     entrance_replicas: int = Field(1, ge=1)
     cache_bytes: int = Field(0, ge=0)
     """Size of the entrance's result cache in bytes (0: off): repeated inputs skip the pipeline."""
@@ -53,9 +59,23 @@ class AppArgs(BaseModel):
     num_cpus: float = Field(1.0, ge=0)
     """CPUs reserved per replica (entrance and stages)."""
     max_ongoing_requests: int | None = Field(None, ge=1)
-    """Per stage replica; default: twice ``max_batch_size`` (one batch running, the next one forming)."""
+    """Requests (batches) per stage replica at once; default: 64."""
     entrance_max_ongoing_requests: int = Field(256, ge=1)
     """Requests the entrance keeps in flight through the pipeline."""
+    entrance_max_queued_requests: int = Field(256, ge=1)
+    """Requests waiting for an entrance replica at each HTTP proxy or handle; more: HTTP 503 with
+    ``Retry-After`` (``BackPressureError`` for handle callers)."""
+    max_queued_requests: int | None = Field(None, ge=1)
+    """Stage calls waiting for a stage replica at each entrance replica; more: the request answers 503
+    (:class:`serve_app.retry.Unavailable`). Default: ``entrance_max_ongoing_requests``, so the entrance's own
+    bound governs and this one only guards against a stage that stops answering."""
+    retry_after_s: float = Field(1.0, ge=0)
+    """``Retry-After`` of 503 answers, in seconds (rounded up to whole seconds on the wire)."""
+    retry_attempts: int = Field(4, ge=1)
+    """Tries of a request whose stage replica died under it (1: no retry), with backoff between tries."""
+    auth_token_file: str | None = None
+    """File holding the bearer token HTTP clients must send (else ``$PARTSERVE_TOKEN``; neither: no auth);
+    see :mod:`serve_app.auth`."""
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
 
@@ -68,13 +88,16 @@ def default_model_name(plan: Plan) -> str:
 
 def deployment_options(plan: Plan, args: AppArgs) -> dict[str, dict[str, Any]]:
     """Serve options per deployment name: ``ray_actor_options`` (num_cpus; num_gpus from the plan's
-    ``gpu_fraction`` when ``args.gpus``), ``max_ongoing_requests`` and ``autoscaling_config``."""
-    batch = args.max_batch_size or plan.batch_size
+    ``gpu_fraction`` when ``args.gpus``), ``max_ongoing_requests``, ``max_queued_requests`` (with the
+    entrance's ``backpressure_config``: Serve's proxy answers 503 with ``Retry-After``) and
+    ``autoscaling_config``."""
     scaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
     options = {
         ENTRANCE: {
             "ray_actor_options": {"num_cpus": args.num_cpus},
             "max_ongoing_requests": args.entrance_max_ongoing_requests,
+            "max_queued_requests": args.entrance_max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": args.retry_after_s},
             "num_replicas": args.entrance_replicas,
         }
     }
@@ -84,7 +107,8 @@ def deployment_options(plan: Plan, args: AppArgs) -> dict[str, dict[str, Any]]:
             actor["num_gpus"] = args.num_gpus_per_stage if args.num_gpus_per_stage is not None else stage.gpu_fraction
         options[stage_name(stage.index)] = {
             "ray_actor_options": actor,
-            "max_ongoing_requests": args.max_ongoing_requests or 2 * batch,
+            "max_ongoing_requests": args.max_ongoing_requests or 64,
+            "max_queued_requests": args.max_queued_requests or args.entrance_max_ongoing_requests,
             "autoscaling_config": scaling,
         }
     return options
@@ -97,7 +121,7 @@ def build_app(args: AppArgs) -> Application:
     batch = args.max_batch_size or plan.batch_size
     stages = [
         StageDeployment.options(name=stage_name(s.index), **options[stage_name(s.index)]).bind(
-            args.plan_uri, s.index, batch, args.batch_wait_timeout_s
+            args.plan_uri, s.index, args.stage_max_batch_size or 4 * batch, 0.0, args.torch_threads
         )
         for s in plan.stages
     ]
@@ -109,14 +133,19 @@ def build_app(args: AppArgs) -> Application:
         args.max_body_bytes,
         batch,
         args.batch_wait_timeout_s,
-        args.max_concurrent_batches or len(plan.stages) + 1,
+        args.max_concurrent_batches or 2 * len(plan.stages),
         args.cache_bytes,
+        RetryPolicy(attempts=args.retry_attempts, retry_after_s=args.retry_after_s),
+        args.auth_token_file,
     )
 
 
 def pipeline_policy(plan: Plan, args: AppArgs, gpu_budget: float | None = None) -> dict[str, Any]:
-    """The coordinated autoscaling policy (:mod:`cluster.serve_policy`) for this plan's stage deployments,
-    starting from the profiled stage times."""
+    """The coordinated autoscaling policy (:mod:`cluster.serve_policy`) for this plan's stage deployments.
+
+    A stage request is a batch the entrance formed (``max_batch_size`` samples), so each stage serves one
+    request at a time in the policy's terms; its service time starts from the profiled stage time scaled to
+    that batch, and follows the replicas' measured time per request."""
     from cluster.serve_policy import policy_section
 
     batch = args.max_batch_size or plan.batch_size
@@ -124,7 +153,7 @@ def pipeline_policy(plan: Plan, args: AppArgs, gpu_budget: float | None = None) 
         {
             "name": stage_name(s.index),
             "service_ms": max(s.measured_ms * batch / plan.batch_size, 1e-3),
-            "batch_size": batch,
+            "batch_size": 1,
             "gpu_fraction": s.gpu_fraction if args.gpus else 0.0,
             "min_replicas": args.min_replicas,
             "max_replicas": args.max_replicas,

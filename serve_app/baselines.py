@@ -22,8 +22,9 @@ from partitions.artifacts import read_plan
 from partitions.runtime import pick_device
 from partitions.source import load_model
 from serve_app.app import stage_name
+from serve_app.batching import concat, split
 from serve_app.entrance import run_stages
-from serve_app.stage import StageDeployment, concat, split
+from serve_app.stage import StageDeployment
 from serve_app.tensors import Payload
 
 

@@ -8,7 +8,11 @@
 * ``application/vnd.apache.arrow.stream``: an Arrow IPC stream, one column per tensor, one row per sample;
   columns use the fixed-shape tensor extension type (plain columns for tensors of shape ``[-1]``).
 
-Decoding never trusts sizes in a header: every byte count is checked against the body before allocating.
+Decoding never trusts sizes in a header: every byte count is checked against the body, and every declared
+tensor size against ``max_tensor_bytes``, before allocating; compressed Arrow streams (whose decoded size
+the body does not bound) are refused. Nothing a client sends is unpickled: ``.npy`` is read with
+``allow_pickle=False`` and object dtypes are refused, Arrow columns must be numbers or fixed-shape tensors
+of numbers, and JSON is plain ``json``. Any malformed body is a :class:`BadRequest` (4xx), never a crash.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import tokenize
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +37,11 @@ NPZ = "application/x-npz"
 OCTET = "application/octet-stream"
 ARROW = "application/vnd.apache.arrow.stream"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_EXPANSION = 4
+"""A body of n bytes carries tensors of at most ``4 n`` bytes (JSON ``0,``: 2 bytes of text, 8 of FP64);
+a tensor declaring more cannot be a valid request, whatever its body."""
+MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
+"""What parsing a malformed body raises, deep inside json, numpy or pyarrow: the client's fault."""
 
 
 @dataclass
@@ -59,20 +69,48 @@ def media_type(content_type: str | None) -> str:
     return (content_type or JSON).split(";")[0].strip().lower() or JSON
 
 
+def is_count(text: str) -> bool:
+    """Whether a header value is a plain decimal byte count (ASCII digits only: ``int`` also takes ``٣``)."""
+    return 0 < len(text) <= 20 and text.isascii() and text.isdigit()
+
+
 def decode(
-    body: bytes, content_type: str | None, header_length: str | None, specs: Sequence[TensorSpec]
+    body: bytes,
+    content_type: str | None,
+    header_length: str | None,
+    specs: Sequence[TensorSpec],
+    max_tensor_bytes: int | None = None,
 ) -> InferRequest:
-    """Decode an infer body; raises :class:`BadRequest` naming what ``specs`` expect."""
+    """Decode an infer body; raises :class:`BadRequest` naming what ``specs`` expect (413 for a tensor
+    declaring more than ``max_tensor_bytes`` bytes; None: no such limit)."""
     kind = media_type(content_type)
-    if header_length is not None or kind == JSON:
-        return decode_oip(body, header_length, specs)
-    if kind in (NPY, OCTET):
-        return InferRequest(decode_npy(body, specs), "npy")
-    if kind == ARROW:
-        return InferRequest(decode_arrow(body, specs), "arrow")
+    try:
+        if header_length is not None or kind == JSON:
+            return decode_oip(body, header_length, specs, max_tensor_bytes)
+        if kind in (NPY, OCTET):
+            return InferRequest(decode_npy(body, specs, max_tensor_bytes), "npy")
+        if kind == ARROW:
+            return InferRequest(decode_arrow(body, specs, max_tensor_bytes), "arrow")
+    except BadRequest:
+        raise
+    except MALFORMED as exc:
+        raise BadRequest(
+            f"malformed {kind} body ({type(exc).__name__}: {str(exc)[:200]}); expected {describe(specs)}"
+        ) from exc
     raise BadRequest(
         f"unsupported Content-Type {kind!r}: send {JSON}, {NPY} or {ARROW}; expected {describe(specs)}", 415
     )
+
+
+def check_declared(name: str, shape: Sequence[int], dtype: np.dtype, max_tensor_bytes: int | None) -> None:
+    """413 when a tensor's declared shape and dtype come to more than ``max_tensor_bytes`` bytes."""
+    size = math.prod(shape) * dtype.itemsize
+    if max_tensor_bytes is not None and size > max_tensor_bytes:
+        raise BadRequest(
+            f"input {name!r} declares shape {list(shape)[:8]} {dtype.name}: {size} bytes, over the "
+            f"{max_tensor_bytes}-byte limit",
+            413,
+        )
 
 
 def encode(req: InferRequest, outputs: Mapping[str, np.ndarray], model_name: str) -> Encoded:
@@ -87,11 +125,13 @@ def encode(req: InferRequest, outputs: Mapping[str, np.ndarray], model_name: str
 # Open Inference Protocol ------------------------------------------------------------------------------
 
 
-def decode_oip(body: bytes, header_length: str | None, specs: Sequence[TensorSpec]) -> InferRequest:
+def decode_oip(
+    body: bytes, header_length: str | None, specs: Sequence[TensorSpec], max_tensor_bytes: int | None = None
+) -> InferRequest:
     expected = f'expected {{"inputs": [{{"name", "shape", "datatype", "data"}}]}} with {describe(specs)}'
     split = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not is_count(header_length) or int(header_length) > len(body):
             raise BadRequest(f"{HEADER_LENGTH} {header_length!r} does not fit the {len(body)}-byte body")
         split = int(header_length)
     try:
@@ -103,8 +143,10 @@ def decode_oip(body: bytes, header_length: str | None, specs: Sequence[TensorSpe
     raw = memoryview(body)[split:]
     arrays: Payload = {}
     for item in doc["inputs"]:
-        array, used = _oip_tensor(item, raw, expected)
+        array, used = _oip_tensor(item, raw, expected, max_tensor_bytes)
         raw = raw[used:]
+        if item["name"] in arrays:
+            raise BadRequest(f"input {item['name']!r} is given twice; {expected}")
         arrays[item["name"]] = array
     if len(raw):
         raise BadRequest(f"{len(raw)} bytes of binary data left over after the last input; {expected}")
@@ -115,9 +157,9 @@ def decode_oip(body: bytes, header_length: str | None, specs: Sequence[TensorSpe
         outputs = []
         for out in doc["outputs"]:
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
-                raise BadRequest(f"each requested output needs a 'name', got {out!r}")
+                raise BadRequest(f"each requested output needs a 'name', got {str(out)[:200]}")
             outputs.append(out["name"])
-            if (out.get("parameters") or {}).get("binary_data", binary_default):
+            if _parameters(out).get("binary_data", binary_default):
                 binary.add(out["name"])
     elif binary_default:
         binary = {"*"}
@@ -125,12 +167,24 @@ def decode_oip(body: bytes, header_length: str | None, specs: Sequence[TensorSpe
     return InferRequest(arrays, "json", str(request_id) if request_id is not None else None, outputs, binary)
 
 
-def _oip_tensor(item: Any, raw: memoryview, expected: str) -> tuple[np.ndarray, int]:
+def _parameters(item: dict[str, Any]) -> dict[str, Any]:
+    """An OIP object's ``parameters`` (absent: empty); 400 unless it is an object."""
+    params = item.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"'parameters' must be an object, got {type(params).__name__}")
+    return params
+
+
+def _oip_tensor(item: Any, raw: memoryview, expected: str, max_tensor_bytes: int | None) -> tuple[np.ndarray, int]:
     """One request tensor and the number of binary bytes it used."""
     if not isinstance(item, dict) or not all(k in item for k in ("name", "shape", "datatype")):
         raise BadRequest(f"each input needs 'name', 'shape' and 'datatype', got {str(item)[:200]}; {expected}")
     name, shape = item["name"], item["shape"]
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(name, str):
+        raise BadRequest(f"input name {str(name)[:100]} is not a string; {expected}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise BadRequest(f"input {name!r}: shape {shape!r} is not a list of sizes; {expected}")
     if not isinstance(item["datatype"], str):
         raise BadRequest(f"input {name!r}: datatype {item['datatype']!r} is not a string; {expected}")
@@ -138,11 +192,12 @@ def _oip_tensor(item: Any, raw: memoryview, expected: str) -> tuple[np.ndarray, 
         dtype = numpy_dtype(item["datatype"])
     except BadRequest as exc:
         raise BadRequest(f"input {name!r}: {exc}; {expected}") from exc
+    check_declared(name, shape, dtype, max_tensor_bytes)
     count = math.prod(shape)
-    size = (item.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(item).get("binary_data_size")
     try:
         if size is not None:
-            if size != count * dtype.itemsize or size > len(raw):
+            if type(size) is not int or size != count * dtype.itemsize or size > len(raw):
                 raise BadRequest(
                     f"input {name!r}: binary_data_size {size} does not match shape {shape} "
                     f"{item['datatype']} or the {len(raw)} bytes left; {expected}"
@@ -189,7 +244,7 @@ def encode_oip(req: InferRequest, outputs: Mapping[str, np.ndarray], model_name:
 # .npy -------------------------------------------------------------------------------------------------
 
 
-def decode_npy(body: bytes, specs: Sequence[TensorSpec]) -> Payload:
+def decode_npy(body: bytes, specs: Sequence[TensorSpec], max_tensor_bytes: int | None = None) -> Payload:
     expected = f"expected {describe(specs)}"
     if len(specs) != 1:
         raise BadRequest(
@@ -204,12 +259,13 @@ def decode_npy(body: bytes, specs: Sequence[TensorSpec]) -> Payload:
             shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
         else:
             raise BadRequest(f".npy format version {version} is not supported (1.0 and 2.0 are); {expected}")
-    except ValueError as exc:
+    except (ValueError, TypeError, SyntaxError, tokenize.TokenError) as exc:  # numpy tokenizes the header
         if isinstance(exc, BadRequest):
             raise
         raise BadRequest(f"body is not a .npy array ({exc}); {expected}") from exc
     if dtype.hasobject:
         raise BadRequest(f".npy arrays of Python objects are refused; {expected}")
+    check_declared(specs[0].name, shape, dtype, max_tensor_bytes)
     need, have = math.prod(shape) * dtype.itemsize, len(body) - fp.tell()
     if need != have:
         raise BadRequest(
@@ -231,12 +287,84 @@ def encode_npy(outputs: Mapping[str, np.ndarray]) -> Encoded:
 # Arrow IPC --------------------------------------------------------------------------------------------
 
 
-def decode_arrow(body: bytes, specs: Sequence[TensorSpec]) -> Payload:
+def decode_arrow(body: bytes, specs: Sequence[TensorSpec], max_tensor_bytes: int | None = None) -> Payload:
     expected = f"expected one column per input, one row per sample: {describe(specs)}"
     try:
+        check_arrow_stream(body, max_tensor_bytes)
         return read_arrow(body)
-    except (pa.ArrowException, ValueError, TypeError) as exc:
+    except (pa.ArrowException, ValueError, TypeError, OSError) as exc:  # a short stream: OSError
+        if isinstance(exc, BadRequest):
+            raise
         raise BadRequest(f"body is not a readable Arrow IPC stream of tensors ({exc}); {expected}") from exc
+
+
+def check_arrow_stream(body: bytes, max_tensor_bytes: int | None) -> None:
+    """Look at an Arrow IPC stream's messages before decoding any data: the schema must hold only numbers
+    and fixed-shape tensors of numbers, no batch may be compressed (its decoded size is not bounded by the
+    body) and the rows times the bytes per row must stay within ``max_tensor_bytes`` (413)."""
+    row_bytes: int | None = None
+    rows = 0
+    for message in pa.ipc.MessageReader.open_stream(pa.py_buffer(body)):
+        if message.type == "schema" and row_bytes is None:
+            row_bytes = sum(_row_bytes(f) for f in pa.ipc.read_schema(message))
+        elif message.type == "record batch" and row_bytes is not None:
+            length, compressed = _batch_header(bytes(message.metadata))
+            if compressed:
+                raise ValueError("compressed record batches are refused: send the stream uncompressed")
+            rows += length
+        else:
+            raise ValueError(f"unexpected {message.type} message: expected a schema, then record batches")
+    if max_tensor_bytes is not None and row_bytes is not None and rows * row_bytes > max_tensor_bytes:
+        raise BadRequest(
+            f"Arrow stream declares {rows} rows of {row_bytes} bytes, over the {max_tensor_bytes}-byte limit", 413
+        )
+
+
+def _row_bytes(f: pa.Field) -> int:
+    """Bytes of one row of a column as a numpy array; TypeError unless it holds numbers."""
+    t = f.type
+    if isinstance(t, pa.FixedShapeTensorType) and _is_number(t.value_type):
+        if math.prod(t.shape) != t.storage_type.list_size:
+            raise ValueError(f"column {f.name!r}: tensor shape {t.shape} does not hold {t.storage_type.list_size}")
+        return math.prod(t.shape) * np.dtype(t.value_type.to_pandas_dtype()).itemsize
+    if not _is_number(t):
+        raise TypeError(f"column {f.name!r} of type {t} is neither a fixed-shape tensor nor a number")
+    return np.dtype(t.to_pandas_dtype()).itemsize
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def _batch_header(metadata: bytes) -> tuple[int, bool]:
+    """Rows and compression of a record batch message, from its flatbuffer metadata (``Message.header`` is
+    field 2; ``RecordBatch.length`` field 0, ``RecordBatch.compression`` field 3)."""
+    message = _uint(metadata, 0, 4)
+    header = _fb_field(metadata, message, 2)
+    if header is None:
+        raise ValueError("record batch message without a header")
+    batch = header + _uint(metadata, header, 4)
+    length = _fb_field(metadata, batch, 0)
+    rows = 0 if length is None else _uint(metadata, length, 8, signed=True)
+    if rows < 0:
+        raise ValueError(f"record batch of {rows} rows")
+    return rows, _fb_field(metadata, batch, 3) is not None
+
+
+def _fb_field(buf: bytes, table: int, index: int) -> int | None:
+    """Position of field ``index`` of the flatbuffer table at ``table``; None when absent."""
+    vtable = table - _uint(buf, table, 4, signed=True)
+    slot = 4 + 2 * index
+    if slot + 2 > _uint(buf, vtable, 2):
+        return None
+    offset = _uint(buf, vtable + slot, 2)
+    return table + offset if offset else None
+
+
+def _uint(buf: bytes, pos: int, size: int, signed: bool = False) -> int:
+    if pos < 0 or pos + size > len(buf):
+        raise ValueError("Arrow message metadata points outside itself")
+    return int.from_bytes(buf[pos : pos + size], "little", signed=signed)
 
 
 def read_arrow(body: bytes) -> Payload:
@@ -255,9 +383,7 @@ def read_arrow(body: bytes) -> Payload:
 def _column_to_numpy(array: pa.Array) -> np.ndarray:
     if isinstance(array, pa.FixedShapeTensorArray):
         return array.to_numpy_ndarray()
-    if isinstance(array.type, pa.ExtensionType) or not (
-        pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_boolean(array.type)
-    ):
+    if isinstance(array.type, pa.ExtensionType) or not _is_number(array.type):
         raise TypeError(f"column type {array.type} is neither a fixed-shape tensor nor a number")
     return array.to_numpy(zero_copy_only=False)
 

@@ -8,11 +8,22 @@ HTTP (the app's route prefix, usually ``/``):
 * ``POST /v2/models/{name}/infer``: OIP JSON (and its binary extension), ``.npy`` or Arrow IPC; see
   :mod:`serve_app.codecs`. The answer uses the request's format.
 
-Errors answer ``{"error": "..."}`` naming the expected shape and dtype: 400 bad input, 404 unknown model,
-413 body over ``max_body_bytes``, 415 unknown Content-Type, 500 only for failures inside the model.
+Errors answer ``{"error": "..."}`` naming the expected shape and dtype: 400 bad input, 401 missing or wrong
+bearer token (when a token is set, see :mod:`serve_app.auth`), 404 unknown model, 413 body over
+``max_body_bytes`` or a tensor declaring more than ``JSON_EXPANSION`` times that, 415 unknown Content-Type,
+503 with ``Retry-After`` when the service cannot answer now (a full queue, or stage replicas that kept
+dying under the request: see :mod:`serve_app.retry`; the same request may be sent again), 500 only for
+failures inside the model. Serve's proxy itself answers 503 with ``Retry-After`` when the entrance's queue
+is full (``AppArgs.entrance_max_queued_requests``).
+
+Non-finite values (NaN, ±inf) in float inputs are data, passed to the model as they are (JSON reads and
+writes them as ``NaN``, ``Infinity``, ``-Infinity``, as Python's ``json`` does).
 
 Python: ``serve.get_app_handle(app_name).infer.remote(x)`` with ``x`` an array (single-input models) or a
-dict of arrays by input name; it resolves to a dict of numpy outputs by output name, whatever their number.
+dict of arrays by input name; it resolves to a dict of numpy outputs by output name, whatever their number,
+or raises :class:`~serve_app.tensors.BadRequest` (fix the input) or, retryable,
+:class:`~serve_app.retry.Unavailable` (``retry_after_s``) or Serve's ``BackPressureError`` (the entrance's
+queue at this handle is full).
 (``handle.remote(x)`` itself is the HTTP entry point: Serve gives ``__call__`` to the FastAPI app.)
 
 The stages are chained without awaiting intermediates (``h1.remote(h0.remote(x))``; a stage reading from
@@ -24,6 +35,7 @@ through Ray's object store, and many requests are in flight at once.
 
 import asyncio
 import logging
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -37,8 +49,10 @@ from partitions.plan import Plan
 from partitions.runtime import outputs_of
 from partitions.types import TensorSpec
 from serve_app import codecs
+from serve_app.auth import CHALLENGE, authorized, load_token
+from serve_app.batching import concat, samples, split
 from serve_app.cache import ResultCache, input_key, plan_version
-from serve_app.stage import concat, samples, split
+from serve_app.retry import RetryPolicy, Unavailable, call_with_retry
 from serve_app.tensors import BadRequest, Payload, check_inputs, describe, oip_datatype
 
 logger = logging.getLogger("ray.serve")
@@ -66,8 +80,13 @@ def total_samples(payloads: list[Payload]) -> int:
     return sum(map(samples, payloads))
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _unavailable(exc: Unavailable) -> JSONResponse:
+    """503 with ``Retry-After`` in whole seconds (rounded up)."""
+    return _error(503, str(exc), {"Retry-After": str(max(0, math.ceil(exc.retry_after_s)))})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -85,14 +104,21 @@ class Entrance:
         batch_wait_timeout_s: float,
         max_concurrent_batches: int,
         cache_bytes: int = 0,
+        retry: RetryPolicy | None = None,
+        auth_token_file: str | None = None,
     ) -> None:
         """``max_batch_size``: samples per pipeline batch; ``batch_wait_timeout_s``: seconds a batch waits for
         more requests; ``max_concurrent_batches``: batches in the pipeline at once (enough to keep every
-        stage busy); ``cache_bytes``: size of the result cache (0: off); ``max_body_bytes``: largest body."""
+        stage busy); ``cache_bytes``: size of the result cache (0: off); ``max_body_bytes``: largest body;
+        ``retry``: how requests whose stage replica died are tried again; ``auth_token_file``: see
+        :func:`serve_app.auth.load_token`."""
         self.stages = stages
         self.plan = read_plan(plan_uri)
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
+        self.retry = retry or RetryPolicy()
+        self.retries = 0
+        self.token = load_token(auth_token_file)
         self.max_batch_size = max_batch_size
         # Wrapped per instance: max_concurrent_batches has no setter on a decorated method.
         self.pipeline_batch = serve.batch(
@@ -106,7 +132,8 @@ class Entrance:
 
     async def infer(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on ``inputs`` (an array for single-input models, or arrays by input name); returns
-        the outputs by name. Raises :class:`BadRequest` for inputs that do not fit the plan."""
+        the outputs by name. Raises :class:`BadRequest` for inputs that do not fit the plan and
+        :class:`Unavailable` when the pipeline cannot answer now (retryable)."""
         if isinstance(inputs, np.ndarray):
             if len(self.plan.inputs) != 1:
                 raise BadRequest(f"the model takes inputs {[t.name for t in self.plan.inputs]}: pass a dict")
@@ -136,8 +163,8 @@ class Entrance:
         try:
             return split(await self._run(merged), sizes)
         except Exception as exc:
-            if len(payloads) == 1:
-                return [exc]
+            if len(payloads) == 1 or isinstance(exc, Unavailable):  # retries spent, or overloaded: no re-runs
+                return [exc] * len(payloads)
         results: list[dict[str, np.ndarray] | Exception] = []
         for payload in payloads:
             try:
@@ -147,7 +174,18 @@ class Entrance:
         return results
 
     async def _run(self, payload: Payload) -> dict[str, np.ndarray]:
-        return await run_stages(self.plan, self.stages, payload)
+        """The pipeline's outputs, tried again while stage replicas die under it (see :mod:`serve_app.retry`)."""
+        return await call_with_retry(
+            lambda: run_stages(self.plan, self.stages, payload), self.retry, on_retry=self._retried
+        )
+
+    def _retried(self, exc: BaseException) -> None:
+        self.retries += 1
+        logger.warning("a stage replica failed under a request, retrying: %s", type(exc).__name__)
+
+    def retry_stats(self) -> dict[str, int]:
+        """``retries``: pipeline runs this replica tried again after a stage replica failed."""
+        return {"retries": self.retries}
 
     def cache_stats(self) -> dict[str, int] | None:
         """Hits, misses, entries and bytes of the result cache; None when it is off."""
@@ -162,11 +200,15 @@ class Entrance:
         return {"ready": True}
 
     @api.get("/v2")
-    def server_metadata(self) -> dict[str, object]:
-        return {"name": "partserve", "version": "1", "extensions": ["binary_tensor_data"]}
+    def server_metadata(self, request: Request) -> Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        return JSONResponse({"name": "partserve", "version": "1", "extensions": ["binary_tensor_data"]})
 
     @api.get("/v2/models/{name}")
-    def model_metadata(self, name: str) -> Response:
+    def model_metadata(self, name: str, request: Request) -> Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
         if name != self.model_name:
             return self._unknown(name)
         return JSONResponse(
@@ -180,23 +222,33 @@ class Entrance:
         )
 
     @api.get("/v2/models/{name}/ready")
-    def model_ready(self, name: str) -> Response:
+    def model_ready(self, name: str, request: Request) -> Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
         return self._unknown(name) if name != self.model_name else JSONResponse({"name": name, "ready": True})
 
     @api.post("/v2/models/{name}/infer")
     async def infer_http(self, name: str, request: Request) -> Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
         if name != self.model_name:
             return self._unknown(name)
         try:
             body = await self._body(request)
             req = codecs.decode(
-                body, request.headers.get("content-type"), request.headers.get(codecs.HEADER_LENGTH), self.plan.inputs
+                body,
+                request.headers.get("content-type"),
+                request.headers.get(codecs.HEADER_LENGTH),
+                self.plan.inputs,
+                max_tensor_bytes=codecs.JSON_EXPANSION * self.max_body_bytes,
             )
             payload = check_inputs(self.plan.inputs, req.arrays)
         except BadRequest as exc:
             return _error(exc.status, str(exc))
         try:
             outputs = await self._serve(payload)
+        except Unavailable as exc:
+            return _unavailable(exc)
         except Exception as exc:
             logger.exception("inference failed")
             return _error(500, f"inference failed: {type(exc).__name__}: {exc}")
@@ -210,7 +262,7 @@ class Entrance:
         """The request body, refusing more than ``max_body_bytes`` before reading it all."""
         too_big = BadRequest(f"request body over the {self.max_body_bytes}-byte limit", 413)
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        if length is not None and codecs.is_count(length) and int(length) > self.max_body_bytes:
             raise too_big
         chunks: list[bytes] = []
         size = 0
@@ -220,6 +272,12 @@ class Entrance:
                 raise too_big
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def _denied(self, request: Request) -> JSONResponse | None:
+        """401 unless auth is off or the request carries the token; never echoes what was sent."""
+        if authorized(request.headers.get("authorization"), self.token):
+            return None
+        return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'", CHALLENGE)
 
     def _unknown(self, name: str) -> JSONResponse:
         return _error(

@@ -84,7 +84,11 @@ async def closed_loop(
 
 
 async def open_loop(
-    call: Call, rate_per_s: float, duration_s: float, samples_per_request: int = 1, seed: int = 0,
+    call: Call,
+    rate_per_s: float,
+    duration_s: float,
+    samples_per_request: int = 1,
+    seed: int = 0,
     max_in_flight: int = 4096,
 ) -> RunResult:
     """Requests at Poisson arrivals of ``rate_per_s`` for ``duration_s`` seconds, whatever the answers'

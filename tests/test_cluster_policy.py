@@ -147,9 +147,7 @@ def test_idle_goes_to_minimum_and_live_latency_moves_service_time() -> None:
     assert [s.service_ms for s in state.stages] == [150.0, 200.0, 250.0]
 
 
-observations = st.lists(
-    st.tuples(st.integers(0, 500), st.integers(0, 100), st.integers(0, 60)), min_size=3, max_size=3
-)
+observations = st.lists(st.tuples(st.integers(0, 500), st.integers(0, 100), st.integers(0, 60)), min_size=3, max_size=3)
 
 
 @settings(max_examples=150, deadline=None)
@@ -165,8 +163,11 @@ def test_decisions_respect_bounds_and_budget(stages, budget, gpus) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4), st.floats(0.5, 20.0), st.sampled_from([0.25, 0.5, 1.0])),
-             min_size=1, max_size=3),
+    st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 4), st.floats(0.5, 20.0), st.sampled_from([0.25, 0.5, 1.0])),
+        min_size=1,
+        max_size=3,
+    ),
     st.floats(0.5, 8.0),
 )
 def test_bottleneck_allocation_matches_brute_force(stages, budget) -> None:

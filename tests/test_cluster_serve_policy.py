@@ -12,8 +12,9 @@ from cluster.serve_policy import PipelineAutoscalingPolicy
 def context(name: str, queued: float, running: float) -> tuple[DeploymentID, AutoscalingContext]:
     dep = DeploymentID(name=name, app_name="partserve")
     config = AutoscalingConfig(min_replicas=1, max_replicas=50, upscale_delay_s=0, downscale_delay_s=0)
-    return dep, AutoscalingContext(dep, name, "partserve", 1, 1, [], queued + running, queued, {}, None, 1, 50, {},
-                                   None, None, 10.0, config)
+    return dep, AutoscalingContext(
+        dep, name, "partserve", 1, 1, [], queued + running, queued, {}, None, 1, 50, {}, None, None, 10.0, config
+    )
 
 
 def test_ray_contexts_map_onto_the_pipeline_step() -> None:

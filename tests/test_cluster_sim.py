@@ -95,8 +95,14 @@ def four_stages(start_rate_per_s: float) -> list[StageModel]:
     """Started at the replicas the starting rate needs at 70% utilisation (as ``--initial-replicas auto``)."""
     stages = [StageModel(f"stage-{i}", 10.0, ms, 8, max_replicas=16) for i, ms in enumerate(PER_SAMPLE_MS)]
     return [
-        StageModel(s.name, s.fixed_ms, s.per_sample_ms, 8, max_replicas=16,
-                   initial_replicas=math.ceil(start_rate_per_s / (s.rate_per_s * 0.7)))
+        StageModel(
+            s.name,
+            s.fixed_ms,
+            s.per_sample_ms,
+            8,
+            max_replicas=16,
+            initial_replicas=math.ceil(start_rate_per_s / (s.rate_per_s * 0.7)),
+        )
         for s in stages
     ]
 

@@ -11,7 +11,7 @@ import pytest
 
 from partitions.types import TensorSpec
 from serve_app import codecs
-from serve_app.stage import concat, split
+from serve_app.batching import concat, split
 from serve_app.tensors import BadRequest, check_inputs
 
 SPECS = [TensorSpec("x", (-1, 3, 2), "float32")]

@@ -28,12 +28,12 @@ def test_config_validates_and_reserves_planned_gpu_shares(mlp: PlannedModel) -> 
     for stage in mlp.plan.stages:
         d = deployments[f"stage-{stage.index}"]
         assert (d.ray_actor_options.num_cpus, d.ray_actor_options.num_gpus) == (0.5, stage.gpu_fraction)
-        assert d.max_ongoing_requests == 2 * mlp.plan.batch_size
+        assert d.max_ongoing_requests == 64  # batches the entrance formed, queued at a stage
         assert d.autoscaling_config["max_replicas"] == 3
 
 
 def test_config_options(mlp: PlannedModel) -> None:
-    app = serve_config(mlp.uri, max_batch_size=4, gpus=True, num_gpus_per_stage=0.25)["applications"][0]
+    app = serve_config(mlp.uri, max_ongoing_requests=8, gpus=True, num_gpus_per_stage=0.25)["applications"][0]
     stages = [d for d in app["deployments"] if d["name"].startswith("stage-")]
     assert {d["ray_actor_options"]["num_gpus"] for d in stages} == {0.25}
     assert {d["max_ongoing_requests"] for d in stages} == {8}

@@ -41,9 +41,11 @@ class StageModel:
     """Replicas at time 0; None: ``min_replicas``."""
 
     def __post_init__(self) -> None:
-        check(self.fixed_ms >= 0 and self.per_sample_ms >= 0 and self.full_batch_ms > 0,
-              f"stage {self.name!r}: fixed_ms ({self.fixed_ms}) and per_sample_ms ({self.per_sample_ms}) must be"
-              " >= 0 and not both 0")
+        check(
+            self.fixed_ms >= 0 and self.per_sample_ms >= 0 and self.full_batch_ms > 0,
+            f"stage {self.name!r}: fixed_ms ({self.fixed_ms}) and per_sample_ms ({self.per_sample_ms}) must be"
+            " >= 0 and not both 0",
+        )
         check(self.max_batch_size >= 1, f"stage {self.name!r}: max_batch_size ({self.max_batch_size}) must be >= 1")
 
     def batch_ms(self, n: int) -> float:
@@ -129,21 +131,29 @@ class _Stage:
 
     def observe(self) -> StageObservation:
         obs = StageObservation(
-            queued=self.queued, running=self.running, target_replicas=self.alive - self.draining,
-            completed=self.completed, service_ms=self.full_ms / self.full_batches if self.full_batches else None,
+            queued=self.queued,
+            running=self.running,
+            target_replicas=self.alive - self.draining,
+            completed=self.completed,
+            service_ms=self.full_ms / self.full_batches if self.full_batches else None,
         )
         self.completed, self.full_ms, self.full_batches = 0, 0.0, 0
         return obs
 
 
-def simulate(stages: Sequence[StageModel], arrivals_s: np.ndarray, controller: Controller, duration_s: float,
-             config: SimConfig = SimConfig(), progress: Callable[[float], None] | None = None) -> SimResult:
+def simulate(
+    stages: Sequence[StageModel],
+    arrivals_s: np.ndarray,
+    controller: Controller,
+    duration_s: float,
+    config: SimConfig = SimConfig(),
+    progress: Callable[[float], None] | None = None,
+) -> SimResult:
     """Run the pipeline on ``arrivals_s`` (sorted, seconds) under ``controller`` for ``duration_s``."""
     check(len(stages) >= 1, "the simulated pipeline needs at least 1 stage (got 0)")
     check(config.tick_s > 0, f"tick_s ({config.tick_s}) must be > 0")
     rng = np.random.default_rng((config.seed, 1))  # a stream apart from the arrivals drawn with the same seed
-    noise = (rng.gamma(1 / config.service_cv**2, config.service_cv**2, 1 << 16) if config.service_cv > 0
-             else np.ones(1))
+    noise = rng.gamma(1 / config.service_cv**2, config.service_cv**2, 1 << 16) if config.service_cv > 0 else np.ones(1)
     st = [_Stage(m, m.min_replicas if m.initial_replicas is None else m.initial_replicas) for m in stages]
     finish = np.full(len(arrivals_s), np.inf)
     events: list[tuple] = []
@@ -254,8 +264,12 @@ def simulate(stages: Sequence[StageModel], arrivals_s: np.ndarray, controller: C
             dispatch(i, t)
     account(duration_s)
     return SimResult(
-        arrivals_s=arrivals_s, finish_s=finish, tick_s=np.asarray(ticks),
+        arrivals_s=arrivals_s,
+        finish_s=finish,
+        tick_s=np.asarray(ticks),
         replicas=np.asarray(replica_rows, dtype=int).reshape(len(ticks), len(st)),
-        replica_seconds=cost, scale_actions=int(actions), duration_s=duration_s,
+        replica_seconds=cost,
+        scale_actions=int(actions),
+        duration_s=duration_s,
         stage_names=[m.name for m in stages],
     )

@@ -32,8 +32,14 @@ from cluster.sim.engine import StageModel
 def policy_stages(models: Sequence[StageModel]) -> tuple[StageSpec, ...]:
     """The policy's view of simulated stages: profiled cost = the full-batch time."""
     return tuple(
-        StageSpec(name=m.name, service_ms=m.full_batch_ms, batch_size=m.max_batch_size, gpu_fraction=m.gpu_fraction,
-                  min_replicas=m.min_replicas, max_replicas=m.max_replicas)
+        StageSpec(
+            name=m.name,
+            service_ms=m.full_batch_ms,
+            batch_size=m.max_batch_size,
+            gpu_fraction=m.gpu_fraction,
+            min_replicas=m.min_replicas,
+            max_replicas=m.max_replicas,
+        )
         for m in models
     )
 
@@ -67,9 +73,11 @@ class RayDefaultConfig:
 
     def __post_init__(self) -> None:
         check(self.target_ongoing_requests > 0, f"target_ongoing_requests ({self.target_ongoing_requests}) must be > 0")
-        check(self.upscaling_factor > 0 and self.downscaling_factor > 0,
-              f"upscaling_factor ({self.upscaling_factor}) and downscaling_factor ({self.downscaling_factor})"
-              " must be > 0")
+        check(
+            self.upscaling_factor > 0 and self.downscaling_factor > 0,
+            f"upscaling_factor ({self.upscaling_factor}) and downscaling_factor ({self.downscaling_factor})"
+            " must be > 0",
+        )
 
 
 def scaled_replicas(desired: float, current: int, config: RayDefaultConfig) -> int:
@@ -113,8 +121,9 @@ class RayDefault:
     def __init__(self, stages: Sequence[StageSpec], config: RayDefaultConfig = RayDefaultConfig()) -> None:
         self.stages, self.config = tuple(stages), config
         self.deployments = [_Deployment() for _ in self.stages]
-        self.delays = PolicyConfig(stages=self.stages, upscale_delay_s=config.upscale_delay_s,
-                                   downscale_delay_s=config.downscale_delay_s)
+        self.delays = PolicyConfig(
+            stages=self.stages, upscale_delay_s=config.upscale_delay_s, downscale_delay_s=config.downscale_delay_s
+        )
 
     def decide(self, observation: PipelineObservation, ready: Sequence[int]) -> list[int]:
         now = observation.time_s
