@@ -91,7 +91,6 @@ def bench(
     load = b.Load([int(c) for c in _floats(concurrency)], _floats(rates), duration_s, warmup_s, samples_per_request)
     if sum(map(bool, (compare, url, app_name))) != 1:
         raise PartserveError("say what to measure", "pass one of --compare, --url URL or --app NAME")
-    out: dict[str, Any]
     if compare:
         from cli.serving import resolve_plan
         from serve_app.app import AppArgs
@@ -103,12 +102,17 @@ def bench(
             serve.start()
             report = (lambda step: None) if as_json else (lambda step: err_console.print(f"measuring {step} ..."))
             out = asyncio.run(b.compare(uri, load, args, report))
+            out["summary"] = b.summary(out["rows"])
+            _report(out, parquet, plot, as_json)  # before shutdown, whose log lines would follow it
         finally:
             serve.shutdown()
             ray.shutdown()
-        out["summary"] = b.summary(out["rows"])
     else:
-        out = asyncio.run(_against_running(url, app_name, address, model_name, target, load))
+        _report(asyncio.run(_against_running(url, app_name, address, model_name, target, load)), parquet, plot, as_json)
+
+
+def _report(out: dict[str, Any], parquet: str | None, plot: str | None, as_json: bool) -> None:
+    """Write the files, then print the JSON or the tables."""
     _write(out["rows"], parquet, plot)
     if as_json:
         emit_json(out)
