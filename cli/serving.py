@@ -51,10 +51,30 @@ def resolve_plan(target: str | None, stages: int, batch_size: int, show_progress
     return uri
 
 
-def _serve_config(plan_uri: str, host: str, port: int, autoscale: bool, gpu_budget: float | None, **args: Any):
+def _serve_config(
+    plan_uri: str,
+    host: str,
+    port: int,
+    *,
+    gpus: bool,
+    replica_cpus: float,
+    min_replicas: int,
+    max_replicas: int,
+    autoscale: bool,
+    gpu_budget: float | None,
+    token_file: str | None,
+) -> dict[str, Any]:
+    """The Serve config for the scaling options ``run`` and ``build`` share."""
     from partitions.artifacts import read_plan
     from serve_app.app import AppArgs, pipeline_policy, serve_config
 
+    args: dict[str, Any] = {
+        "gpus": gpus,
+        "num_cpus": replica_cpus,
+        "min_replicas": min_replicas,
+        "max_replicas": max(max_replicas, min_replicas, 1),
+        "auth_token_file": token_file,
+    }
     policy = pipeline_policy(read_plan(plan_uri), AppArgs(plan_uri=plan_uri, **args), gpu_budget) if autoscale else None
     return serve_config(plan_uri, host=host, port=port, autoscaling_policy=policy, **args)
 
@@ -134,14 +154,8 @@ def run(
     address: str | None,
     host: str,
     port: int,
-    gpus: bool,
-    replica_cpus: float,
-    min_replicas: int,
-    max_replicas: int,
-    autoscale: bool,
-    gpu_budget: float | None,
-    token_file: str | None,
     as_json: bool,
+    **scaling: Any,
 ) -> None:
     """Serve TARGET (a plan directory, or a MODEL planned once into a cache; default: the demo transformer)
     on a local Ray, or the cluster at --address, until Ctrl-C."""
@@ -152,18 +166,9 @@ def run(
     started = time.monotonic()
     uri = resolve_plan(target, stages, batch_size, not as_json)
     plan = read_plan(uri)
-    config = _serve_config(
-        uri,
-        host,
-        port,
-        autoscale,
-        gpu_budget,
-        gpus=gpus,
-        num_cpus=replica_cpus,
-        min_replicas=min_replicas,
-        auth_token_file=os.path.abspath(token_file) if token_file else None,
-        max_replicas=max(max_replicas, min_replicas, 1),
-    )
+    if scaling["token_file"]:  # read by replicas on this machine
+        scaling["token_file"] = os.path.abspath(scaling["token_file"])
+    config = _serve_config(uri, host, port, **scaling)
     if not as_json:
         err_console.print(f"deploying {len(plan.stages)} stages of {plan.model['spec']} from {uri} ...")
     names = local.deploy_config(config, address)
@@ -214,14 +219,8 @@ def build(
     plan_uri: str | None,
     host: str,
     port: int,
-    gpus: bool,
-    replica_cpus: float,
-    min_replicas: int,
-    max_replicas: int,
-    autoscale: bool,
-    gpu_budget: float | None,
-    token_file: str | None,
     as_json: bool,
+    **scaling: Any,
 ) -> None:
     """Write a Serve config for PLAN_DIR that `serve deploy` and `serve run` accept."""
     import yaml
@@ -229,18 +228,7 @@ def build(
     from partitions.artifacts import read_plan
 
     read_plan(plan_dir)  # fail early, with a clear message, on a missing or broken plan
-    config = _serve_config(
-        plan_uri or plan_dir,
-        host,
-        port,
-        autoscale,
-        gpu_budget,
-        gpus=gpus,
-        num_cpus=replica_cpus,
-        min_replicas=min_replicas,
-        auth_token_file=token_file,  # a path on the cluster nodes
-        max_replicas=max(max_replicas, min_replicas, 1),
-    )
+    config = _serve_config(plan_uri or plan_dir, host, port, **scaling)  # paths as the cluster's nodes see them
     with open(out, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     if as_json:
@@ -249,7 +237,7 @@ def build(
         app = config["applications"][0]
         console.print(
             f"wrote {out}: {len(app['deployments'])} deployments, "
-            f"autoscaling {'coordinated' if autoscale else 'per deployment'}; "
+            f"autoscaling {'coordinated' if scaling['autoscale'] else 'per deployment'}; "
             f"deploy with: serve deploy {out}",
             highlight=False,
         )
