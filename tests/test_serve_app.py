@@ -153,7 +153,9 @@ def test_dag_plan_with_two_inputs(served: Served) -> None:
     by_handle = [r.result() for r in [handle.infer.remote(x) for x in inputs]]
     for x, *answers in zip(inputs, by_json, by_arrow, by_handle):
         want = model.reference(x)["output"]
-        assert all(rel_err(got["output"], want) <= 1e-6 for got in answers)
+        # Concurrent requests share stage batches, and a GEMM's rounding depends on the batch; this model's
+        # one output per sample nearly cancels, so that rounding shows up to ~5e-6 relative (seen).
+        assert all(rel_err(got["output"], want) <= 1e-5 for got in answers)
     one = {"query": inputs[0]["query"]}
     r = httpx.post(url, json=oip_json(one))
     assert r.status_code == 400 and "missing ['item']" in r.json()["error"]
