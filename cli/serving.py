@@ -65,18 +65,20 @@ def _serve_config(
     token_file: str | None,
 ) -> dict[str, Any]:
     """The Serve config for the scaling options ``run`` and ``build`` share."""
-    from partitions.artifacts import read_plan
-    from serve_app.app import AppArgs, pipeline_policy, serve_config
+    from serve_app.app import serve_config
 
-    args: dict[str, Any] = {
-        "gpus": gpus,
-        "num_cpus": replica_cpus,
-        "min_replicas": min_replicas,
-        "max_replicas": max(max_replicas, min_replicas, 1),
-        "auth_token_file": token_file,
-    }
-    policy = pipeline_policy(read_plan(plan_uri), AppArgs(plan_uri=plan_uri, **args), gpu_budget) if autoscale else None
-    return serve_config(plan_uri, host=host, port=port, autoscaling_policy=policy, **args)
+    return serve_config(
+        plan_uri,
+        host=host,
+        port=port,
+        autoscale=autoscale,
+        gpu_budget=gpu_budget,
+        gpus=gpus,
+        num_cpus=replica_cpus,
+        min_replicas=min_replicas,
+        max_replicas=max(max_replicas, min_replicas, 1),
+        auth_token_file=token_file,
+    )
 
 
 def curl_example(url: str, model: str, inputs: list) -> str:

@@ -289,7 +289,7 @@ def generate(
     like ``0+1,2``. ``serve_args``: :func:`serve_app.app.serve_config` arguments; ``gpus`` defaults to True.
     """
     plan = read_plan(plan_dir)
-    config = serve_config(plan_dir, **{"gpus": True, **serve_args})
+    config = serve_config(plan_dir, **{"gpus": True, "autoscale": True, "gpu_budget": options.gpu_budget, **serve_args})
     if colocate == "none":
         groups = None
     elif colocate == "auto":

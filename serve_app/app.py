@@ -171,6 +171,8 @@ def serve_config(
     host: str = "0.0.0.0",
     port: int = 8000,
     autoscaling_policy: dict[str, Any] | None = None,
+    autoscale: bool = False,
+    gpu_budget: float | None = None,
     **args: Any,
 ) -> dict[str, Any]:
     """A Serve config (the dict behind ``serve deploy config.yaml``) for the plan at ``plan_uri``.
@@ -178,10 +180,14 @@ def serve_config(
     ``args`` are further :class:`AppArgs` fields (``gpus=True``, ``max_replicas=4``, ...). The per-deployment
     options are written out as well so they can be edited in the file. ``autoscaling_policy``
     (``{"policy_function": "module:callable", "policy_kwargs": {...}}``) is the application-level policy,
-    which Serve only takes from the config; it overrides the deployments' own policies.
+    which Serve only takes from the config; it overrides the deployments' own policies. ``autoscale``
+    without one: the coordinated :func:`pipeline_policy` under ``gpu_budget`` (what ``partserve build``,
+    ``run`` and ``k8s`` write).
     """
     app_args = AppArgs(plan_uri=plan_uri, **args)
     plan = read_plan(plan_uri)
+    if autoscale and autoscaling_policy is None:
+        autoscaling_policy = pipeline_policy(plan, app_args, gpu_budget)
     options = deployment_options(plan, app_args)
     if autoscaling_policy is not None:
         for stage in plan.stages:  # the application policy's own delays govern, not Serve's defaults

@@ -148,7 +148,8 @@ def test_manifest_validates_and_carries_serve_config(
     manifest, groups = generate(uri, cluster_uri, options=ClusterOptions(gpu_budget=budget), **kwargs)
     config = check_manifest(yaml.safe_load(dump(manifest)), crd_validator)
     serve_args = {k: v for k, v in kwargs.items() if k not in ("colocate", "runtime_env")}
-    expected = serve_config(uri, gpus=True, **serve_args)
+    expected = serve_config(uri, gpus=True, autoscale=True, gpu_budget=budget, **serve_args)  # as build writes it
+    assert expected["applications"][0]["autoscaling_policy"]["policy_kwargs"].get("gpu_budget") == budget
     expected["applications"][0]["args"]["plan_uri"] = cluster_uri
     assert without_cluster_fields(config) == expected
     assert config["applications"][0].get("runtime_env") == kwargs.get("runtime_env")
@@ -162,11 +163,15 @@ def test_manifest_validates_and_carries_serve_config(
 
 
 def sizing_blanked(manifest: dict[str, Any]) -> dict[str, Any]:
-    """``manifest`` without what depends on the profiled cut: GPU shares and GPU group sizes."""
+    """``manifest`` without what depends on the profiled cut and times: GPU shares, GPU group sizes, and the
+    autoscaling policy's per-stage service times and shares."""
     out = copy.deepcopy(manifest)
     config = yaml.safe_load(out["spec"]["serveConfigV2"])
     for d in config["applications"][0]["deployments"]:
         d["ray_actor_options"].pop("num_gpus", None)
+    for stage in config["applications"][0].get("autoscaling_policy", {}).get("policy_kwargs", {}).get("stages", []):
+        stage.pop("service_ms")
+        stage.pop("gpu_fraction")
     out["spec"]["serveConfigV2"] = config
     for g in out["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         if g["groupName"].startswith("gpu"):
