@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from typing import Any
 
 import click
@@ -192,8 +193,6 @@ async def _against_running(
 
     ray.init(address=address, log_to_driver=False)
     handle = serve.get_app_handle(app_name)
-    import time
-
     start = time.time()
     results = await b.sweep(b.cycling(handle.infer.remote, requests), load)
     return {

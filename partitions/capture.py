@@ -263,16 +263,18 @@ def _build(gm: fx.GraphModule, method: Method, reason: str, source: ModelSource)
             assert spec is not None
             values[name] = Value(spec, producer, last, tuple(sorted(set(uses))))
 
+    nodes = {n.name: n for n in gm.graph.nodes}
     seen: set[str] = set()
     for u in units:
         for name in u.nodes:
-            for arg in _node(gm, name).all_input_nodes:
+            node = nodes[name]
+            for arg in node.all_input_nodes:
                 if arg.op == "get_attr" and arg.target not in seen:
                     seen.add(str(arg.target))
                     u.params.append(str(arg.target))
-            if _node(gm, name).op == "call_module":
-                mod = gm.get_submodule(str(_node(gm, name).target))
-                prefix = str(_node(gm, name).target)
+            if node.op == "call_module":
+                prefix = str(node.target)
+                mod = gm.get_submodule(prefix)
                 for pname, _ in list(mod.named_parameters()) + list(mod.named_buffers()):
                     full = f"{prefix}.{pname}"
                     if full not in seen:
@@ -282,6 +284,9 @@ def _build(gm: fx.GraphModule, method: Method, reason: str, source: ModelSource)
     return CapturedGraph(method, reason, gm, inputs, outputs, output_values, units, values, classes, unit_of, rename)
 
 
-def _node(gm: fx.GraphModule, name: str) -> fx.Node:
-    cache = gm.__dict__.setdefault("_partserve_nodes", {n.name: n for n in gm.graph.nodes})
-    return cache[name]
+def get_attr(root: nn.Module, target: str) -> object:
+    """The parameter, buffer or submodule at a qualified name (``blocks.0.fc1.weight``)."""
+    obj: object = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

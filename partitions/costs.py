@@ -11,7 +11,7 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from partitions.capture import CapturedGraph, is_compute
+from partitions.capture import CapturedGraph, get_attr, is_compute
 from partitions.types import Bytes, Ms
 
 Progress = Callable[[int], None]
@@ -103,7 +103,7 @@ def profile(
     node_ms = {name: statistics.median(p[name] for p in passes) for name in passes[0]}
     costs = []
     for unit in cg.units:
-        tensors = [_attr(cg.gm, p) for p in unit.params]
+        tensors = [t for t in (get_attr(cg.gm, p) for p in unit.params) if isinstance(t, torch.Tensor)]
         costs.append(
             NodeCost(
                 name=unit.name,
@@ -117,14 +117,6 @@ def profile(
             )
         )
     return costs
-
-
-def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    assert isinstance(obj, torch.Tensor), target
-    return obj
 
 
 def measure_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 2) -> Ms:

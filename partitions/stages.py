@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from partitions.capture import CapturedGraph
+from partitions.capture import CapturedGraph, get_attr
 
 
 @dataclass
@@ -57,7 +57,7 @@ def stage_program(cg: CapturedGraph, start: int, end: int, carry_until: int | No
             batch_source.append(ph)
             env[arg.name] = ph
         elif cls == "param":
-            root[str(arg.target)] = _attr(cg.gm, str(arg.target))
+            root[str(arg.target)] = get_attr(cg.gm, str(arg.target))
             env[arg.name] = graph.get_attr(str(arg.target))
         elif cls in ("const", "sym"):
             env[arg.name] = _recompute(arg)
@@ -121,13 +121,6 @@ class _Root(nn.Module):
                 owner.register_parameter(leaf, obj)
             else:
                 owner.register_buffer(leaf, obj)
-
-
-def _attr(root: nn.Module, target: str) -> object:
-    obj: object = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _safe(name: str) -> str:

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from ray import serve
-from ray.serve import Application
-from ray.serve.handle import DeploymentHandle
 
 from partitions.artifacts import read_plan
 from partitions.costs import measure_ms
@@ -99,10 +97,6 @@ async def stage_figures(app: str, plan: Plan, since: float, until: float) -> lis
     return out
 
 
-def _deploy(app: Application, name: str) -> DeploymentHandle:
-    return serve.run(app, name=name, route_prefix=None)
-
-
 async def compare(
     plan_uri: str, load: Load, args: AppArgs | None = None, progress: Callable[[str], None] = lambda step: None
 ) -> dict[str, object]:
@@ -123,7 +117,7 @@ async def compare(
     for name, make, method in setups:
         progress(name)
         app_name = f"bench-{name}"
-        handle = _deploy(make(), app_name)
+        handle = serve.run(make(), name=app_name, route_prefix=None)
         target = getattr(handle, method) if method else handle
         start = time.time()
         for result in await sweep(cycling(target.remote, requests), load):

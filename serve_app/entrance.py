@@ -50,7 +50,7 @@ from partitions.runtime import outputs_of
 from partitions.types import TensorSpec
 from serve_app import codecs
 from serve_app.auth import CHALLENGE, authorized, load_token
-from serve_app.batching import concat, samples, split
+from serve_app.batching import run_together, samples, total_samples
 from serve_app.cache import ResultCache, input_key, plan_version
 from serve_app.retry import RetryPolicy, Unavailable, call_with_retry
 from serve_app.tensors import BadRequest, Payload, check_inputs, describe, oip_datatype
@@ -73,11 +73,6 @@ async def run_stages(plan: Plan, stages: list[DeploymentHandle], payload: Payloa
     for sent in await asyncio.gather(*(responses[i] for i in plan.sinks())):
         merged.update(sent)
     return outputs_of(plan, merged)
-
-
-def total_samples(payloads: list[Payload]) -> int:
-    """Samples in a list of payloads: what an entrance batch is sized in."""
-    return sum(map(samples, payloads))
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -159,19 +154,12 @@ class Entrance:
     async def _pipeline(self, payloads: list[Payload]) -> list[dict[str, np.ndarray] | Exception]:
         """Send requests through the pipeline as one batch (per-hop costs are paid per batch, not per sample);
         if the batch fails, each request goes alone so only the failing ones fail."""
-        merged, sizes = concat(payloads)
-        try:
-            return split(await self._run(merged), sizes)
-        except Exception as exc:
-            if len(payloads) == 1 or isinstance(exc, Unavailable):  # retries spent, or overloaded: no re-runs
-                return [exc] * len(payloads)
-        results: list[dict[str, np.ndarray] | Exception] = []
-        for payload in payloads:
-            try:
-                results.append(await self._run(payload))
-            except Exception as exc:
-                results.append(exc)
-        return results
+        # Retries spent or overloaded (Unavailable): running each request alone would only add load.
+        return await run_together(
+            payloads,
+            lambda payload, _requests: self._run(payload),
+            alone_on=lambda exc: not isinstance(exc, Unavailable),
+        )
 
     async def _run(self, payload: Payload) -> dict[str, np.ndarray]:
         """The pipeline's outputs, tried again while stage replicas die under it (see :mod:`serve_app.retry`)."""
