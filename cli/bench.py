@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import sys
 import time
 from typing import Any
 
@@ -106,8 +108,9 @@ def bench(
             out["summary"] = b.summary(out["rows"])
             _report(out, parquet, plot, as_json)  # before shutdown, whose log lines would follow it
         finally:
-            serve.shutdown()
-            ray.shutdown()
+            with contextlib.redirect_stdout(sys.stderr):  # Ray's shutdown messages: stdout is the report
+                serve.shutdown()
+                ray.shutdown()
     else:
         _report(asyncio.run(_against_running(url, app_name, address, model_name, target, load)), parquet, plot, as_json)
 
@@ -197,5 +200,5 @@ async def _against_running(
     results = await b.sweep(b.cycling(handle.infer.remote, requests), load)
     return {
         "rows": [{"setup": app_name, **r.row(), "first_error": r.first_error} for r in results],
-        "stage_figures": {app_name: b.stage_figures(app_name, plan, start, time.time())},
+        "stage_figures": {app_name: await b.stage_figures(app_name, plan, start, time.time())},
     }

@@ -6,6 +6,8 @@
 
 # No ``from __future__ import annotations``: Serve reads build_app's annotation to turn ``args`` into AppArgs.
 
+import math
+import os
 import re
 from typing import Any
 
@@ -37,11 +39,13 @@ class AppArgs(BaseModel):
     """Name in ``/v2/models/{name}``; default: derived from the plan's model spec."""
     max_batch_size: int | None = Field(None, ge=1)
     """Samples per batch the entrance sends through the pipeline; default: the plan's batch size."""
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    """Seconds a batch (at the entrance and at each stage) waits for more requests after its first."""
+    batch_wait_timeout_s: float | None = Field(None, ge=0)
+    """Seconds a request waits at the entrance for others to fill its batch while the pipeline is busy (an
+    idle pipeline takes it at once); default: the slowest stage's planned time for a batch, which a
+    waiting batch could not start any sooner than."""
     max_concurrent_batches: int | None = Field(None, ge=1)
-    """Batches each entrance replica keeps in the pipeline at once; default: twice the stages, so every
-    stage has work and a backlog shows in the stages' queues, where the autoscaler sees it."""
+    """Batches each entrance replica keeps in the pipeline at once; default: :func:`in_flight_batches`, one
+    per device that can run a stage at the same time, plus one in transit."""
     torch_threads: int | None = Field(None, ge=1)
     """Intra-op threads of each stage replica on CPU; default: Ray's (one per reserved CPU, at least one),
     which lets stages run side by side on the cores."""
@@ -73,6 +77,9 @@ class AppArgs(BaseModel):
     """``Retry-After`` of 503 answers, in seconds (rounded up to whole seconds on the wire)."""
     retry_attempts: int = Field(4, ge=1)
     """Tries of a request whose stage replica died under it (1: no retry), with backoff between tries."""
+    access_log: bool = False
+    """Serve's access log line per request at the entrance and every stage; off by default, as writing it
+    costs CPU time on every request's path."""
     auth_token_file: str | None = None
     """File holding the bearer token HTTP clients must send (else ``$PARTSERVE_TOKEN``; neither: no auth);
     see :mod:`serve_app.auth`."""
@@ -86,15 +93,44 @@ def default_model_name(plan: Plan) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", last) or "model"
 
 
+def in_flight_batches(stages: int, devices: int) -> int:
+    """Batches to keep in a pipeline of ``stages`` stages over ``devices`` devices that run at the same
+    time (GPUs, or CPU cores over threads per stage): one per stage that can run at once, and one moving
+    between stages. More only splits the same requests into smaller batches that contend for the devices."""
+    return min(stages, max(devices, 1)) + 1
+
+
+def parallel_devices(plan: Plan, args: AppArgs) -> int:
+    """Devices the stages can run on at once: the GPUs their shares fill (``args.gpus``), else the
+    cluster's CPU cores over each replica's torch threads."""
+    if args.gpus:
+        share = args.num_gpus_per_stage
+        return math.ceil(sum(share if share is not None else s.gpu_fraction for s in plan.stages) - 1e-9)
+    import ray
+
+    cores = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
+    return cores // (args.torch_threads or 1)
+
+
+def batch_wait_s(plan: Plan, args: AppArgs) -> float:
+    """``args.batch_wait_timeout_s``, or the slowest stage's planned time at the entrance's batch size."""
+    if args.batch_wait_timeout_s is not None:
+        return args.batch_wait_timeout_s
+    batch = args.max_batch_size or plan.batch_size
+    return max(s.measured_ms for s in plan.stages) * batch / plan.batch_size / 1e3
+
+
 def deployment_options(plan: Plan, args: AppArgs) -> dict[str, dict[str, Any]]:
     """Serve options per deployment name: ``ray_actor_options`` (num_cpus; num_gpus from the plan's
-    ``gpu_fraction`` when ``args.gpus``), ``max_ongoing_requests``, ``max_queued_requests`` (with the
-    entrance's ``backpressure_config``: Serve's proxy answers 503 with ``Retry-After``) and
-    ``autoscaling_config``."""
+    ``gpu_fraction`` when ``args.gpus``), ``logging_config`` (the access log), ``max_ongoing_requests``,
+    ``max_queued_requests`` (with the entrance's ``backpressure_config``: Serve's proxy answers 503 with
+    ``Retry-After``) and ``autoscaling_config``."""
     scaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+    logging = {"enable_access_log": args.access_log}
     options = {
         ENTRANCE: {
             "ray_actor_options": {"num_cpus": args.num_cpus},
+            "logging_config": logging,
             "max_ongoing_requests": args.entrance_max_ongoing_requests,
             "max_queued_requests": args.entrance_max_queued_requests,
             "backpressure_config": {"status_code": 503, "retry_after_s": args.retry_after_s},
@@ -107,6 +143,7 @@ def deployment_options(plan: Plan, args: AppArgs) -> dict[str, dict[str, Any]]:
             actor["num_gpus"] = args.num_gpus_per_stage if args.num_gpus_per_stage is not None else stage.gpu_fraction
         options[stage_name(stage.index)] = {
             "ray_actor_options": actor,
+            "logging_config": logging,
             "max_ongoing_requests": args.max_ongoing_requests or 64,
             "max_queued_requests": args.max_queued_requests or args.entrance_max_ongoing_requests,
             "autoscaling_config": scaling,
@@ -132,8 +169,8 @@ def build_app(args: AppArgs) -> Application:
         model_name,
         args.max_body_bytes,
         batch,
-        args.batch_wait_timeout_s,
-        args.max_concurrent_batches or 2 * len(plan.stages),
+        batch_wait_s(plan, args),
+        args.max_concurrent_batches or in_flight_batches(len(plan.stages), parallel_devices(plan, args)),
         args.cache_bytes,
         RetryPolicy(attempts=args.retry_attempts, retry_after_s=args.retry_after_s),
         args.auth_token_file,

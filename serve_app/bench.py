@@ -27,7 +27,7 @@ from partitions.plan import Plan
 from partitions.runtime import pick_device
 from partitions.source import load_model
 from partitions.verify import random_inputs
-from serve_app.app import AppArgs, build_app, stage_name
+from serve_app.app import AppArgs, batch_wait_s, build_app, stage_name
 from serve_app.baselines import plain_chain_app, whole_model_app
 from serve_app.loadgen import Call, RunResult, closed_loop, open_loop
 
@@ -104,14 +104,15 @@ async def compare(
     plan = read_plan(plan_uri)
     args = args or AppArgs(plan_uri=plan_uri, num_cpus=0)
     batch = args.max_batch_size or plan.batch_size
+    wait_s = batch_wait_s(plan, args)  # the same wait for every Serve setup
     requests = payloads(plan, load.samples_per_request, seed=load.seed)
     progress("torch")
     bound = torch_bound(plan)
     rows: list[dict[str, object]] = [{"setup": "torch", "mode": "bound", "level": plan.batch_size, **bound}]
     stages: dict[str, list[dict[str, float]]] = {}
     setups = [
-        ("serve-whole", lambda: whole_model_app(plan_uri, batch, args.batch_wait_timeout_s), None),
-        ("serve-chain", lambda: plain_chain_app(plan_uri, batch, args.batch_wait_timeout_s), None),
+        ("serve-whole", lambda: whole_model_app(plan_uri, batch, wait_s), None),
+        ("serve-chain", lambda: plain_chain_app(plan_uri, batch, wait_s), None),
         ("partserve", lambda: build_app(args), "infer"),
     ]
     for name, make, method in setups:

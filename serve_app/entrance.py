@@ -50,7 +50,7 @@ from partitions.runtime import outputs_of
 from partitions.types import TensorSpec
 from serve_app import codecs
 from serve_app.auth import CHALLENGE, authorized, load_token
-from serve_app.batching import run_together, samples, total_samples
+from serve_app.batching import PipelineBatcher, run_together
 from serve_app.cache import ResultCache, input_key, plan_version
 from serve_app.retry import RetryPolicy, Unavailable, call_with_retry
 from serve_app.tensors import BadRequest, Payload, check_inputs, describe, oip_datatype
@@ -102,11 +102,12 @@ class Entrance:
         retry: RetryPolicy | None = None,
         auth_token_file: str | None = None,
     ) -> None:
-        """``max_batch_size``: samples per pipeline batch; ``batch_wait_timeout_s``: seconds a batch waits for
-        more requests; ``max_concurrent_batches``: batches in the pipeline at once (enough to keep every
-        stage busy); ``cache_bytes``: size of the result cache (0: off); ``max_body_bytes``: largest body;
-        ``retry``: how requests whose stage replica died are tried again; ``auth_token_file``: see
-        :func:`serve_app.auth.load_token`."""
+        """``max_batch_size``: samples per pipeline batch; ``batch_wait_timeout_s``: seconds a request waits
+        for others to join its batch while the pipeline is busy (an idle pipeline takes it at once: see
+        :class:`~serve_app.batching.PipelineBatcher`); ``max_concurrent_batches``: batches in the pipeline at
+        once (enough to keep every stage busy); ``cache_bytes``: size of the result cache (0: off);
+        ``max_body_bytes``: largest body; ``retry``: how requests whose stage replica died are tried again;
+        ``auth_token_file``: see :func:`serve_app.auth.load_token`."""
         self.stages = stages
         self.plan = read_plan(plan_uri)
         self.model_name = model_name
@@ -115,13 +116,9 @@ class Entrance:
         self.retries = 0
         self.token = load_token(auth_token_file)
         self.max_batch_size = max_batch_size
-        # Wrapped per instance: max_concurrent_batches has no setter on a decorated method.
-        self.pipeline_batch = serve.batch(
-            max_batch_size=max_batch_size,
-            batch_wait_timeout_s=batch_wait_timeout_s,
-            max_concurrent_batches=max_concurrent_batches,
-            batch_size_fn=total_samples,
-        )(self._pipeline)
+        self.batcher: PipelineBatcher[dict[str, np.ndarray]] = PipelineBatcher(
+            self._pipeline, max_batch_size, batch_wait_timeout_s, max_concurrent_batches
+        )
         self.cache = ResultCache(cache_bytes) if cache_bytes else None
         self.version = plan_version(self.plan)
 
@@ -141,12 +138,7 @@ class Entrance:
         key = input_key(self.version, payload) if self.cache is not None else None
         if key is not None and (hit := self.cache.get(key)) is not None:
             return hit
-        if samples(payload) >= self.max_batch_size:
-            outputs = await self._run(payload)
-        else:
-            outputs = await self.pipeline_batch(payload)
-            if isinstance(outputs, Exception):
-                raise outputs
+        outputs = await self.batcher(payload)
         if key is not None:
             self.cache.put(key, outputs)
         return outputs

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import IMPORT_PATH, AppArgs, default_model_name, serve_config
+from serve_app.app import (
+    IMPORT_PATH,
+    AppArgs,
+    batch_wait_s,
+    default_model_name,
+    in_flight_batches,
+    parallel_devices,
+    serve_config,
+)
 from tests.serve_fixtures import MLP, PlannedModel, plan_model
 
 
@@ -30,6 +39,7 @@ def test_config_validates_and_reserves_planned_gpu_shares(mlp: PlannedModel) -> 
         assert (d.ray_actor_options.num_cpus, d.ray_actor_options.num_gpus) == (0.5, stage.gpu_fraction)
         assert d.max_ongoing_requests == 64  # batches the entrance formed, queued at a stage
         assert d.autoscaling_config["max_replicas"] == 3
+    assert all(not d.logging_config.enable_access_log for d in deployments.values())
 
 
 def test_config_options(mlp: PlannedModel) -> None:
@@ -55,3 +65,18 @@ def test_default_model_name(mlp: PlannedModel, tmp_path: Path) -> None:
     mlp.plan.model["spec"] = f"{tmp_path}/bert-base/"
     assert default_model_name(mlp.plan) == "bert-base"
     mlp.plan.model["spec"] = "demo-mlp"
+
+
+def test_pipeline_defaults_follow_devices_and_stage_times(mlp: PlannedModel) -> None:
+    # One batch per device that can run a stage at once, plus one in transit; never more than stages + 1.
+    assert [in_flight_batches(4, d) for d in (0, 1, 2, 4, 16)] == [2, 2, 3, 5, 5]
+    stages = len(mlp.plan.stages)
+    shares = sum(s.gpu_fraction for s in mlp.plan.stages)
+    assert parallel_devices(mlp.plan, AppArgs(plan_uri=mlp.uri, gpus=True)) == math.ceil(round(shares, 6))
+    assert parallel_devices(mlp.plan, AppArgs(plan_uri=mlp.uri, gpus=True, num_gpus_per_stage=1.0)) == stages
+    # The wait for a batch to fill: the slowest stage's planned time, scaled to the entrance's batch.
+    slowest_ms = max(s.measured_ms for s in mlp.plan.stages)
+    assert batch_wait_s(mlp.plan, AppArgs(plan_uri=mlp.uri)) == pytest.approx(slowest_ms / 1e3)
+    doubled = AppArgs(plan_uri=mlp.uri, max_batch_size=2 * mlp.plan.batch_size)
+    assert batch_wait_s(mlp.plan, doubled) == pytest.approx(2 * slowest_ms / 1e3)
+    assert batch_wait_s(mlp.plan, AppArgs(plan_uri=mlp.uri, batch_wait_timeout_s=0.0)) == 0.0
