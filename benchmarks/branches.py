@@ -3,20 +3,22 @@
 Acceptance: on a 2-core machine, for a model whose two equal branches dominate its cost, the branch plan's
 latency at concurrency 1 is at most 0.65x the sequential plan's.
 
-The model is ``demo-two-tower`` (two equal MLP towers over ``query`` and ``item``, a small scoring head).
-It is planned twice into 3 stages with ``objective="latency"``: the *branch* plan (both towers as parallel
-root stages, joined by the head stage: ``after = [[], [], [0, 1]]``) and the *sequential* plan
-(``branches=False``: a chain of 3 stages). Both are served side by side (stage replicas ``num_cpus=0``,
-``batch_wait_timeout_s`` 0 so a lone request never waits for a batch to fill) and timed one request at a
-time, alternating between the plans, through HTTP (Arrow bodies over a keep-alive connection) and through
-the Python handle (``serve.get_app_handle(app).infer.remote(x)``).
+The model is ``demo-two-tower`` (two equal MLP towers over ``query`` and ``item``, a small scoring head),
+by default width 2048, depth 8, 64 samples per request: each tower is ~50 ms of compute on one core, so the
+towers are ~80% of the sequential plan's latency. It is planned twice into 3 stages with
+``objective="latency"``: the *branch* plan (both towers as parallel root stages, joined by the head stage:
+``after = [[], [], [0, 1]]``) and the *sequential* plan (``branches=False``: a chain of 3 stages). Each plan
+is served alone with the default options (stage replicas ``num_cpus=0``; a lone request never waits for a
+batch to fill), so the other plan's replicas do not load the machine while it is timed, in rounds whose
+order flips so drift in machine load hits both alike; requests go one at a time, alternating HTTP (Arrow
+bodies over a keep-alive connection) and the Python handle (``serve.get_app_handle(app).infer.remote(x)``).
 
     PYTHONPATH=. python3 benchmarks/branches.py --out branches.json   # prints a table, writes JSON
 
 Threads. Ray sets ``OMP_NUM_THREADS=1`` in actors that reserve less than one CPU, so every stage replica
-runs torch on one intra-op thread (the script checks it in a probe replica and from ``/proc`` in the stage
-replicas themselves, and reports both). The sequential plan therefore uses one core at a time; the branch
-plan runs its two towers on the two cores at once.
+runs torch on one intra-op thread (the script reports ``torch.get_num_threads()`` from each stage replica
+and the CPU time of their busiest threads from ``/proc``). The sequential plan therefore uses one core at a
+time; the branch plan runs its two towers on the two cores at once.
 
 Analysis (Amdahl). Let a request's work be a sequential part ``S`` (the head, the fork and the join: the
 entrance, decoding and the hand-offs) and a branch part ``B`` split into ``k`` equal branches, run on ``k``
@@ -29,22 +31,16 @@ levels on the critical path (3 for the 3-stage chain, 2 for towers + head):
 
 so with ``k`` growing the ratio tends to ``(S + L_k h) / T_seq``: the hops of the fork and the join and the
 sequential parts bound it, however many GPUs carry the branches. With ``k`` towers the branch part shrinks
-to ``1/k`` of itself but never below one tower's time plus its two hops.
+to ``1/k`` of itself but never below one tower's time plus its two hops. On 2 cores the two towers also
+slow each other a little (shared memory bandwidth and clock, Ray's own processes): each took 59-60 ms run
+together against 54 ms run alone in the sequential plan's stage.
 
-Measured on the 2-core development machine, shared with other jobs (load average 6 to 35, never under 3
-while these ran; medians in ms, HTTP / handle):
-
-* width 3072, load 6.4: the sequential plan put both towers in stage 0 (57.7 per request, 28.9 per
-  tower), so ``B`` = 58.4; ``T_seq`` 108.6 / 101.7, hence ``rest`` = 50.2 / 43.3 and ``p`` = 0.54 / 0.57.
-  Amdahl with ``k = 2`` predicts (50.2 + 29.2) / 108.6 = 0.73 (0.71 via the handle), the limit for ``k`` ->
-  infinity is 0.46 / 0.43. Measured: branch 89.6 / 78.3, a ratio of 0.825 / 0.770.
-* width 3072, load 8.2: ``B`` = 51.4, ``T_seq`` 93.9 / 84.6; predicted 0.73 / 0.70, measured 0.816 / 0.823.
-* width 4096 (the default), load 35: ``B`` = 90.9, ``T_seq`` 134.6 / 115.9; predicted 0.66 / 0.61,
-  measured 0.858 / 0.903.
-
-The gap between measured and predicted is the branches' own slowdown: run together, each tower took
-35-40 ms (70 at width 4096) against 25-29 (45) per tower run alone, because the two cores the branches
-need were busy with other jobs. The 0.65 target assumes two free cores; it was not reached under this load.
+What moved the ratio on this machine (HTTP / handle medians): towers of width 4096 at 8 samples per
+request are memory-bound (268 MB of weights read per tower per request), so two of them at once slowed
+each other by 1.4x: 0.73 / 0.78. Compute-bound towers (width 2048, 64 samples): 0.69 / 0.67 with both plans
+deployed side by side, 0.63-0.65 / 0.61-0.63 with each plan served alone, and 0.60 / 0.59 once each branch
+receives only the inputs it reads (64 KB, sent inline with the call, instead of both inputs through the
+object store).
 """
 
 from __future__ import annotations
@@ -90,35 +86,18 @@ class Figures:
 
 
 @dataclass
-class ThreadReport:
-    """What torch uses inside the replicas."""
-
-    probe_omp_num_threads: str | None
-    """``OMP_NUM_THREADS`` seen by a ``num_cpus=0`` probe replica."""
-    probe_torch_threads: int
-    """``torch.get_num_threads()`` in that probe replica."""
-    busiest_threads_cpu_s: dict[str, list[float]]
-    """Per replica (``app/deployment``): CPU seconds of its three busiest threads during the timed requests.
-    One torch thread: one thread (the one running the stage) far ahead of the others."""
-
-
-@dataclass
 class Measured:
     latency: dict[str, dict[str, Figures]]
     """By plan, then path (``http``, ``handle``)."""
     stage_ms: dict[str, list[float]]
     """By plan: each stage's median time per batch inside its replica during the timed requests."""
-    threads: ThreadReport
+    torch_threads: dict[str, list[int]]
+    """By plan: ``torch.get_num_threads()`` in each stage replica."""
+    busiest_threads_cpu_s: dict[str, dict[str, list[float]]]
+    """By plan, then stage: CPU seconds of the replica's three busiest threads during its last timed round.
+    One torch thread: one thread (the one running the stage) far ahead of the others."""
     load_at_start: float
-    """1-minute load average when the timed requests began."""
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-class ThreadProbe:
-    """A replica placed like the stage replicas, reporting its torch thread settings."""
-
-    def __call__(self) -> dict[str, Any]:
-        return {"omp": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads()}
+    """1-minute load average when the first timed requests began."""
 
 
 def percentiles(samples: list[float]) -> Figures:
@@ -126,8 +105,8 @@ def percentiles(samples: list[float]) -> Figures:
     return Figures(statistics.median(samples), q[8], statistics.fmean(samples), len(samples))
 
 
-def make_plans(root: str, options: dict[str, int], stages: int) -> tuple[ModelSource, dict[str, Plan]]:
-    source = load_model(SPEC, options)
+def make_plans(root: str, options: dict[str, int], stages: int, batch: int) -> tuple[ModelSource, dict[str, Plan]]:
+    source = load_model(SPEC, options, batch)
     plans = {
         app: build_plan(source, f"{root}/{app}", PlanOptions(stages=stages, objective="latency", branches=branches))
         for app, branches in zip(APPS, (True, False))
@@ -169,82 +148,83 @@ def busiest_threads(before: dict[int, float], after: dict[int, float], top: int 
     return sorted((cpu - before.get(tid, 0.0) for tid, cpu in after.items()), reverse=True)[:top]
 
 
-def serve_plans(plans: dict[str, Plan], root: str, port: int) -> None:
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    targets = [
-        serve.RunTarget(
-            build_app(AppArgs(plan_uri=f"{root}/{app}", num_cpus=0, batch_wait_timeout_s=0.0)),
-            name=app,
-            route_prefix=f"/{app}",
-        )
-        for app in plans
-    ]
-    targets.append(serve.RunTarget(ThreadProbe.bind(), name="probe", route_prefix="/probe"))
-    serve.run_many(targets)
-
-
 def timed(call: Callable[..., dict[str, np.ndarray]], *args: Any) -> tuple[float, dict[str, np.ndarray]]:
     start = time.perf_counter()
     out = call(*args)
     return (time.perf_counter() - start) * 1e3, out
 
 
-def stage_ms(app: str, stages: int, since: float) -> list[float]:
-    """Median time (ms) each stage of ``app`` spent running a batch that started after ``since`` (epoch s)."""
+def stage_ms(app: str, stages: int, since: float) -> list[list[float]]:
+    """Times (ms) each stage of ``app`` spent running the batches that started after ``since`` (epoch s)."""
     out = []
     for i in range(stages):
         busy = serve.get_deployment_handle(stage_name(i), app).busy_intervals.remote().result(timeout_s=TIMEOUT_S)
-        out.append(statistics.median((end - start) * 1e3 for start, end, *_ in busy if start >= since))
+        out.append([(end - start) * 1e3 for start, end, *_ in busy if start >= since])
     return out
 
 
-def measure(plans: dict[str, Plan], source: ModelSource, url: str, warmup: int, requests: int) -> Measured:
-    """Requests one at a time, alternating plans and paths (the order flips each round, so drift in machine
-    load hits both plans alike); the first ``warmup`` rounds are checked against the whole model, not timed."""
+def measure(
+    plans: dict[str, Plan], root: str, source: ModelSource, url: str, warmup: int, requests: int, rounds: int
+) -> Measured:
+    """``rounds`` rounds; in each, every plan is served alone (so neither plan's replicas load the machine
+    while the other is timed), in an order that flips each round so drift in machine load hits both alike;
+    ``warmup`` requests are checked against the whole model, then ``requests`` are timed one at a time,
+    alternating HTTP and the handle."""
     rng = np.random.default_rng(0)
     batch = plans[APPS[0]].batch_size
     features = source.example_inputs["query"].shape[1]
-    handles = {app: serve.get_app_handle(app) for app in plans}
-    names = {app: default_model_name(plan) for app, plan in plans.items()}
     samples: dict[str, dict[str, list[float]]] = {app: {"http": [], "handle": []} for app in plans}
-    pids = {f"{app}/{d}": pid for app in plans for d, pid in replica_pids(app).items()}
+    stage_times: dict[str, list[list[float]]] = {app: [[] for _ in plan.stages] for app, plan in plans.items()}
+    threads: dict[str, list[int]] = {}
+    busiest: dict[str, dict[str, list[float]]] = {}
+    load = os.getloadavg()[0]
     with httpx.Client(timeout=TIMEOUT_S) as client:
+        for round_ in range(rounds):
+            for app in APPS if round_ % 2 == 0 else APPS[::-1]:
+                serve.run(build_app(AppArgs(plan_uri=f"{root}/{app}", num_cpus=0)), name=app, route_prefix=f"/{app}")
+                wait_ready(url, app)
+                handle = serve.get_app_handle(app)
+                endpoint = f"{url}/{app}/v2/models/{default_model_name(plans[app])}/infer"
 
-        def post(app: str, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            r = client.post(
-                f"{url}/{app}/v2/models/{names[app]}/infer",
-                content=codecs.encode_arrow(x),
-                headers={"content-type": codecs.ARROW},
-            )
-            r.raise_for_status()
-            return codecs.read_arrow(r.content)
+                def post(x: dict[str, np.ndarray], endpoint: str = endpoint) -> dict[str, np.ndarray]:
+                    r = client.post(endpoint, content=codecs.encode_arrow(x), headers={"content-type": codecs.ARROW})
+                    r.raise_for_status()
+                    return codecs.read_arrow(r.content)
 
-        paths: dict[str, Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]] = {
-            "http": post,
-            "handle": lambda app, x: handles[app].infer.remote(x).result(timeout_s=TIMEOUT_S),
-        }
-        for i in range(warmup + requests):
-            if i == warmup:
-                since, load = time.time(), os.getloadavg()[0]
-                cpu_before = {name: thread_cpu_s(pid) for name, pid in pids.items()}
-            x = {k: rng.standard_normal((batch, features)).astype(np.float32) for k in ("query", "item")}
-            order = [(app, path) for app in plans for path in paths]
-            for app, path in order if i % 2 else reversed(order):
-                ms, out = timed(paths[path], app, x)
-                if i >= warmup:
-                    samples[app][path].append(ms)
-                    continue
-                want = source.forward_flat({k: torch.from_numpy(v) for k, v in x.items()})[0].numpy()
-                err = rel_err(out["output"], want)
-                assert err <= 1e-6, f"{app} via {path}: relative error {err:.2e}"
-    busiest = {
-        name: [round(t, 2) for t in busiest_threads(cpu_before[name], thread_cpu_s(pid))] for name, pid in pids.items()
-    }
-    probe = httpx.get(f"{url}/probe", timeout=TIMEOUT_S).json()
+                paths: dict[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] = {
+                    "http": post,
+                    "handle": lambda x, handle=handle: handle.infer.remote(x).result(timeout_s=TIMEOUT_S),
+                }
+                pids = replica_pids(app)
+                for i in range(warmup + requests):
+                    if i == warmup:
+                        since = time.time()
+                        cpu_before = {name: thread_cpu_s(pid) for name, pid in pids.items()}
+                    x = {k: rng.standard_normal((batch, features)).astype(np.float32) for k in ("query", "item")}
+                    for path in PATHS if i % 2 else PATHS[::-1]:
+                        ms, out = timed(paths[path], x)
+                        if i >= warmup:
+                            samples[app][path].append(ms)
+                            continue
+                        want = source.forward_flat({k: torch.from_numpy(v) for k, v in x.items()})[0].numpy()
+                        err = rel_err(out["output"], want)
+                        assert err <= 1e-6, f"{app} via {path}: relative error {err:.2e}"
+                busiest[app] = {
+                    name: [round(t, 2) for t in busiest_threads(cpu_before[name], thread_cpu_s(pid))]
+                    for name, pid in pids.items()
+                }
+                for i, times in enumerate(stage_ms(app, len(plans[app].stages), since)):
+                    stage_times[app][i].extend(times)
+                threads[app] = [
+                    serve.get_deployment_handle(stage_name(i), app).placement.remote().result()["torch_threads"]
+                    for i in range(len(plans[app].stages))
+                ]
+                serve.delete(app)
     return Measured(
         latency={app: {p: percentiles(s) for p, s in by.items()} for app, by in samples.items()},
-        stage_ms={app: stage_ms(app, len(plan.stages), since) for app, plan in plans.items()},
-        threads=ThreadReport(probe["omp"], probe["torch"], busiest),
+        stage_ms={app: [statistics.median(t) for t in by] for app, by in stage_times.items()},
+        torch_threads=threads,
+        busiest_threads_cpu_s=busiest,
         load_at_start=load,
     )
 
@@ -267,11 +247,11 @@ def amdahl(branch: Plan, stage_ms: dict[str, list[float]], sequential_ms: float)
     }
 
 
-def wait_ready(url: str) -> None:
+def wait_ready(url: str, app: str) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         try:
-            if all(httpx.get(f"{url}/{app}/v2/health/ready", timeout=5).status_code == 200 for app in APPS):
+            if httpx.get(f"{url}/{app}/v2/health/ready", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -296,7 +276,8 @@ def report(plans: dict[str, Plan], m: Measured) -> dict:
         "latency": {app: {path: asdict(f) for path, f in by.items()} for app, by in m.latency.items()},
         "ratio_branch_over_sequential": {path: m.latency["branch"][path].median_ms / seq[path] for path in PATHS},
         "amdahl": {path: amdahl(plans["branch"], m.stage_ms, seq[path]) for path in PATHS},
-        "threads": asdict(m.threads),
+        "torch_threads": m.torch_threads,
+        "busiest_threads_cpu_s": m.busiest_threads_cpu_s,
         "load_at_start": m.load_at_start,
     }
 
@@ -317,31 +298,31 @@ def print_table(result: dict) -> None:
             f"{path}: branch / sequential median {ratio:.3f} (Amdahl with k={a['branches']}: "
             f"{a['predicted_ratio']:.3f}, limit {a['limit_ratio']:.3f}; p = {a['p']:.2f})"
         )
-    t = result["threads"]
     print(
-        f"load average at start {result['load_at_start']:.2f}; replicas: OMP_NUM_THREADS={t['probe_omp_num_threads']}, "
-        f"torch threads {t['probe_torch_threads']}; busiest threads (cpu s): {t['busiest_threads_cpu_s']}"
+        f"load average at start {result['load_at_start']:.2f}; torch threads per stage replica "
+        f"{result['torch_threads']}; busiest threads (cpu s): {result['busiest_threads_cpu_s']}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64, help="samples per request")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--requests", type=int, default=60, help="timed requests per plan and path")
+    parser.add_argument("--requests", type=int, default=30, help="timed requests per plan, path and round")
+    parser.add_argument("--rounds", type=int, default=2, help="times each plan is served and timed")
     parser.add_argument("--out", default="branches.json", help="JSON result file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        source, plans = make_plans(root, {"width": args.width, "depth": args.depth}, args.stages)
+        source, plans = make_plans(root, {"width": args.width, "depth": args.depth}, args.stages, args.batch)
         port = free_port()
         ray.init(address="local", num_cpus=2, include_dashboard=False)
         try:
-            serve_plans(plans, root, port)
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
             url = f"http://127.0.0.1:{port}"
-            wait_ready(url)
-            measured = measure(plans, source, url, args.warmup, args.requests)
+            measured = measure(plans, root, source, url, args.warmup, args.requests, args.rounds)
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -57,6 +57,11 @@ class Stage:
     def sends(self) -> list[str]:
         return self.carried + [t.name for t in self.computed]
 
+    @property
+    def reads(self) -> list[str]:
+        """The payload entries the stage uses: its program's inputs and what it carries."""
+        return [t.name for t in self.inputs] + [c for c in self.carried if c not in {t.name for t in self.inputs}]
+
 
 @dataclass
 class Plan:

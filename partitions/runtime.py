@@ -73,10 +73,13 @@ class StageRunner:
         return t
 
 
-def stage_payload(after: list[int], sent: Mapping[int, Mapping[str, T]], inputs: Mapping[str, T]) -> dict[str, T]:
-    """What a stage receives: the merged outputs of the stages it reads from, or the model inputs."""
+def stage_payload(
+    after: list[int], sent: Mapping[int, Mapping[str, T]], inputs: Mapping[str, T], reads: list[str] | None = None
+) -> dict[str, T]:
+    """What a stage receives: the merged outputs of the stages it reads from, or the model inputs (only
+    ``reads`` of them when given: a branch gets its own inputs, not its siblings')."""
     if not after:
-        return dict(inputs)
+        return dict(inputs) if reads is None else {name: inputs[name] for name in reads}
     merged: dict[str, T] = {}
     for j in after:
         merged.update(sent[j])
@@ -94,7 +97,8 @@ def run_pipeline(runners: list[StageRunner], inputs: Mapping[str, np.ndarray]) -
     plan = runners[0].plan
     sent: dict[int, Payload] = {}
     for runner in runners:
-        sent[runner.stage.index] = runner(stage_payload(runner.stage.after, sent, inputs))
+        stage = runner.stage
+        sent[stage.index] = runner(stage_payload(stage.after, sent, inputs, stage.reads))
     return outputs_of(plan, stage_payload(plan.sinks(), sent, inputs))
 
 

@@ -64,11 +64,13 @@ def _metadata(specs: list[TensorSpec]) -> list[dict[str, object]]:
 
 
 async def run_stages(plan: Plan, stages: list[DeploymentHandle], payload: Payload) -> dict[str, np.ndarray]:
-    """Call every stage at once, each on the (not yet computed) responses of the stages it reads from, then
-    await the stages no other stage reads from: intermediates go stage to stage through the object store."""
+    """Call every stage at once, each on the (not yet computed) responses of the stages it reads from (a
+    first stage: on the model inputs it reads), then await the stages no other stage reads from:
+    intermediates go stage to stage through the object store."""
     responses: dict[int, DeploymentResponse] = {}
     for stage in plan.stages:
-        responses[stage.index] = stages[stage.index].remote(*([responses[j] for j in stage.after] or [payload]))
+        sources = [responses[j] for j in stage.after] or [{name: payload[name] for name in stage.reads}]
+        responses[stage.index] = stages[stage.index].remote(*sources)
     merged: Payload = {}
     for sent in await asyncio.gather(*(responses[i] for i in plan.sinks())):
         merged.update(sent)

@@ -10,7 +10,7 @@ import pytest
 from partitions.artifacts import read_plan
 from partitions.partition import PlanOptions, build_plan
 from partitions.plan import PLAN_FILE
-from partitions.runtime import StageRunner, load_pipeline, run_pipeline
+from partitions.runtime import StageRunner, load_pipeline, run_pipeline, stage_payload
 from partitions.source import load_model
 from partitions.verify import random_inputs, verify
 
@@ -140,6 +140,10 @@ def test_two_tower_latency_plan_runs_the_towers_in_parallel(tmp_path) -> None:
     assert plan.summary["shape"] == "dag"
     assert [s.after for s in plan.stages] == [[], [], [0, 1]]  # towers from the inputs, joined by the head
     assert {t.name for t in plan.stages[0].inputs} | {t.name for t in plan.stages[1].inputs} == {"query", "item"}
+    # Each tower is sent only the input it reads, not its sibling's.
+    assert sorted([plan.stages[0].reads, plan.stages[1].reads]) == [["item"], ["query"]]
+    inputs = {name: np.zeros(1) for name in ("query", "item")}
+    assert stage_payload([], {}, inputs, plan.stages[0].reads).keys() == set(plan.stages[0].reads)
     assert plan.summary["latency_ms"] < plan.summary["chain_latency_ms"]
     assert verify(uri).passed
 
