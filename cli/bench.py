@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
-import sys
 import time
 from typing import Any
 
@@ -85,8 +83,6 @@ def bench(
     as_json: bool,
 ) -> None:
     """Closed-loop concurrency and open-loop Poisson sweeps: throughput, p50/p90/p99, stage utilisation."""
-    import ray
-    from ray import serve
 
     from partitions.errors import PartserveError
     from serve_app import bench as b
@@ -100,17 +96,10 @@ def bench(
 
         uri = resolve_plan(target, 4, 8, not as_json)
         args = AppArgs(plan_uri=uri, num_cpus=0, max_batch_size=max_batch_size, entrance_replicas=entrance_replicas)
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        try:
-            serve.start()
-            report = (lambda step: None) if as_json else (lambda step: err_console.print(f"measuring {step} ..."))
-            out = asyncio.run(b.compare(uri, load, args, report))
-            out["summary"] = b.summary(out["rows"])
-            _report(out, parquet, plot, as_json)  # before shutdown, whose log lines would follow it
-        finally:
-            with contextlib.redirect_stdout(sys.stderr):  # Ray's shutdown messages: stdout is the report
-                serve.shutdown()
-                ray.shutdown()
+        report = (lambda step: None) if as_json else (lambda step: err_console.print(f"measuring {step} ..."))
+        out = asyncio.run(b.compare(uri, load, args, report))
+        out["summary"] = b.summary(out["rows"])
+        _report(out, parquet, plot, as_json)
     else:
         _report(asyncio.run(_against_running(url, app_name, address, model_name, target, load)), parquet, plot, as_json)
 

@@ -2,22 +2,26 @@
 
 ``compare`` measures, on one machine and one model, in one run:
 
-(a) ``torch``: the model's forward alone at the plan's batch size, in this process: the bound;
+(a) ``torch``: the model's forward alone at the plan's batch size, in this process (last): the bound;
 (b) ``serve-whole``: plain Ray Serve, the whole model in one deployment with ``@serve.batch``;
 (c) ``serve-chain``: plain Ray Serve, one deployment per stage, ``@serve.batch`` each, chained per request;
 (d) ``partserve``: the pipeline (batches formed at the entrance, several in flight across the stages).
 
-Serve setups get the same closed-loop load through Python handles from this process.
+Serve setups get the same closed-loop load through Python handles from this process, each on a fresh local
+Ray (:func:`fresh_serve`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 import torch
 from ray import serve
 
@@ -97,18 +101,32 @@ async def stage_figures(app: str, plan: Plan, since: float, until: float) -> lis
     return out
 
 
+@contextlib.contextmanager
+def fresh_serve() -> Iterator[None]:
+    """A local Ray with Serve, shut down on exit. Each setup gets its own: run one after another on one
+    Ray, every setup measured slower than the one before it (the earlier setups' handles and routers kept
+    working in this process and in Serve's controller)."""
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start()
+        yield
+    finally:
+        with contextlib.redirect_stdout(sys.stderr):  # Ray's shutdown messages: stdout carries reports
+            serve.shutdown()
+            ray.shutdown()
+
+
 async def compare(
     plan_uri: str, load: Load, args: AppArgs | None = None, progress: Callable[[str], None] = lambda step: None
 ) -> dict[str, object]:
-    """Run (a)-(d) under the same closed-loop load; returns rows per setup and level, plus stage figures."""
+    """Run (a)-(d) under the same closed-loop load, each Serve setup on a fresh local Ray; returns rows per
+    setup and level, plus stage figures."""
     plan = read_plan(plan_uri)
     args = args or AppArgs(plan_uri=plan_uri, num_cpus=0)
     batch = args.max_batch_size or plan.batch_size
     wait_s = batch_wait_s(plan, args)  # the same wait for every Serve setup
     requests = payloads(plan, load.samples_per_request, seed=load.seed)
-    progress("torch")
-    bound = torch_bound(plan)
-    rows: list[dict[str, object]] = [{"setup": "torch", "mode": "bound", "level": plan.batch_size, **bound}]
+    rows: list[dict[str, object]] = []
     stages: dict[str, list[dict[str, float]]] = {}
     setups = [
         ("serve-whole", lambda: whole_model_app(plan_uri, batch, wait_s), None),
@@ -118,14 +136,17 @@ async def compare(
     for name, make, method in setups:
         progress(name)
         app_name = f"bench-{name}"
-        handle = serve.run(make(), name=app_name, route_prefix=None)
-        target = getattr(handle, method) if method else handle
-        start = time.time()
-        for result in await sweep(cycling(target.remote, requests), load):
-            rows.append({"setup": name, **result.row(), "first_error": result.first_error})
-        if name != "serve-whole":
-            stages[name] = await stage_figures(app_name, plan, start, time.time())
-        serve.delete(app_name)
+        with fresh_serve():
+            handle = serve.run(make(), name=app_name, route_prefix=None)
+            target = getattr(handle, method) if method else handle
+            start = time.time()
+            for result in await sweep(cycling(target.remote, requests), load):
+                rows.append({"setup": name, **result.row(), "first_error": result.first_error})
+            if name != "serve-whole":
+                stages[name] = await stage_figures(app_name, plan, start, time.time())
+    # Last, with no Ray running: the model and torch's threads in this process slowed the load generator.
+    progress("torch")
+    rows.insert(0, {"setup": "torch", "mode": "bound", "level": plan.batch_size, **torch_bound(plan)})
     return {
         "plan": plan_uri,
         "model": plan.model["spec"],

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
@@ -77,3 +78,26 @@ def test_run_serves_until_interrupted(plan_dir: str) -> None:
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "stopping" in err
+
+
+def test_bench_compare_measures_four_setups(plan_dir: str, tmp_path: Path) -> None:
+    parquet, plot = tmp_path / "bench.parquet", tmp_path / "bench.png"
+    args = ["--concurrency", "1,4", "--duration-s", "0.5", "--warmup-s", "0.2", "--out", str(parquet)]
+    r = subprocess.run(
+        [*CLI, "bench", plan_dir, "--compare", *args, "--plot", str(plot), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)  # stdout is the report alone, nothing of Ray's
+    summary = {s["setup"]: s for s in out["summary"]}
+    assert list(summary) == ["torch", "serve-whole", "serve-chain", "partserve"]
+    assert summary["serve-whole"]["vs_serve_whole"] == 1.0 and summary["torch"]["vs_torch"] == 1.0
+    served = [row for row in out["rows"] if row["mode"] == "closed"]
+    assert len(served) == 3 * 2 and all(row["requests"] > 0 and row["errors"] == 0 for row in served)
+    for setup in ("serve-chain", "partserve"):
+        figures = out["stage_figures"][setup]
+        assert [f["stage"] for f in figures] == [0, 1] and all(f["batches"] > 0 for f in figures)
+    assert pq.read_table(parquet).num_rows == len(out["rows"]) and plot.stat().st_size > 0
