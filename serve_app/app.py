@@ -45,7 +45,7 @@ class AppArgs(BaseModel):
     waiting batch could not start any sooner than."""
     max_concurrent_batches: int | None = Field(None, ge=1)
     """Batches each entrance replica keeps in the pipeline at once; default: :func:`in_flight_batches`, one
-    per device that can run a stage at the same time, plus one in transit."""
+    per stage replica (at ``max_replicas``) that a device can run at the same time, plus one in transit."""
     torch_threads: int | None = Field(None, ge=1)
     """Intra-op threads of each stage replica on CPU; default: Ray's (one per reserved CPU, at least one),
     which lets stages run side by side on the cores."""
@@ -93,19 +93,21 @@ def default_model_name(plan: Plan) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", last) or "model"
 
 
-def in_flight_batches(stages: int, devices: int) -> int:
-    """Batches to keep in a pipeline of ``stages`` stages over ``devices`` devices that run at the same
-    time (GPUs, or CPU cores over threads per stage): one per stage that can run at once, and one moving
-    between stages. More only splits the same requests into smaller batches that contend for the devices."""
-    return min(stages, max(devices, 1)) + 1
+def in_flight_batches(stage_replicas: int, devices: int) -> int:
+    """Batches to keep in a pipeline whose ``stage_replicas`` replicas (all stages together) run on
+    ``devices`` devices at once (GPUs, or CPU cores over threads per replica): one per replica that can
+    run at the same time, and one moving between stages. More only splits the same requests into smaller
+    batches that contend for the devices."""
+    return min(stage_replicas, max(devices, 1)) + 1
 
 
 def parallel_devices(plan: Plan, args: AppArgs) -> int:
-    """Devices the stages can run on at once: the GPUs their shares fill (``args.gpus``), else the
-    cluster's CPU cores over each replica's torch threads."""
+    """Devices the stage replicas can run on at once: the GPUs their shares fill at ``max_replicas``
+    (``args.gpus``), else the cluster's CPU cores over each replica's torch threads."""
     if args.gpus:
         share = args.num_gpus_per_stage
-        return math.ceil(sum(share if share is not None else s.gpu_fraction for s in plan.stages) - 1e-9)
+        shares = sum(share if share is not None else s.gpu_fraction for s in plan.stages)
+        return math.ceil(shares * args.max_replicas - 1e-9)
     import ray
 
     cores = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
@@ -170,7 +172,8 @@ def build_app(args: AppArgs) -> Application:
         args.max_body_bytes,
         batch,
         batch_wait_s(plan, args),
-        args.max_concurrent_batches or in_flight_batches(len(plan.stages), parallel_devices(plan, args)),
+        args.max_concurrent_batches
+        or in_flight_batches(len(plan.stages) * args.max_replicas, parallel_devices(plan, args)),
         args.cache_bytes,
         RetryPolicy(attempts=args.retry_attempts, retry_after_s=args.retry_after_s),
         args.auth_token_file,

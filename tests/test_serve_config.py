@@ -74,6 +74,9 @@ def test_pipeline_defaults_follow_devices_and_stage_times(mlp: PlannedModel) -> 
     shares = sum(s.gpu_fraction for s in mlp.plan.stages)
     assert parallel_devices(mlp.plan, AppArgs(plan_uri=mlp.uri, gpus=True)) == math.ceil(round(shares, 6))
     assert parallel_devices(mlp.plan, AppArgs(plan_uri=mlp.uri, gpus=True, num_gpus_per_stage=1.0)) == stages
+    # Autoscaled stages may fill more GPUs: up to their shares at max_replicas.
+    scaled = AppArgs(plan_uri=mlp.uri, gpus=True, num_gpus_per_stage=0.5, max_replicas=3)
+    assert parallel_devices(mlp.plan, scaled) == math.ceil(stages * 0.5 * 3)
     # The wait for a batch to fill: the slowest stage's planned time, scaled to the entrance's batch.
     slowest_ms = max(s.measured_ms for s in mlp.plan.stages)
     assert batch_wait_s(mlp.plan, AppArgs(plan_uri=mlp.uri)) == pytest.approx(slowest_ms / 1e3)
