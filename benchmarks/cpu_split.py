@@ -25,8 +25,7 @@ from ray import serve
 
 from partitions.artifacts import read_plan
 from serve_app import bench
-from serve_app.app import AppArgs, batch_wait_s, build_app
-from serve_app.baselines import plain_chain_app, whole_model_app
+from serve_app.app import AppArgs
 from serve_app.loadgen import closed_loop
 
 
@@ -44,15 +43,9 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
 
 async def measure(plan_uri: str, setup: str, concurrency: int, duration_s: float, options: dict) -> None:
     plan = read_plan(plan_uri)
-    args = AppArgs(plan_uri=plan_uri, num_cpus=0, **options)
-    batch = args.max_batch_size or plan.batch_size
-    make = {
-        "serve-whole": lambda: whole_model_app(plan_uri, batch, batch_wait_s(plan, args)),
-        "serve-chain": lambda: plain_chain_app(plan_uri, batch, batch_wait_s(plan, args)),
-        "partserve": lambda: build_app(args),
-    }[setup]
-    handle = serve.run(make(), name="split", route_prefix=None)
-    call = bench.cycling((handle.infer if setup == "partserve" else handle).remote, bench.payloads(plan, 1))
+    make = bench.serve_setups(plan, AppArgs(plan_uri=plan_uri, num_cpus=0, **options))[setup]
+    handle = bench.entry(setup, serve.run(make(), name="split", route_prefix=None))
+    call = bench.cycling(handle.remote, bench.payloads(plan, 1))
     await closed_loop(call, concurrency, duration_s=3.0, warmup_s=1.0)
     before, start = cpu_seconds(), time.time()
     result = await closed_loop(call, concurrency, duration_s, warmup_s=0.0)

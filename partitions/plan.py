@@ -60,7 +60,7 @@ class Stage:
     @property
     def reads(self) -> list[str]:
         """The payload entries the stage uses: its program's inputs and what it carries."""
-        return [t.name for t in self.inputs] + [c for c in self.carried if c not in {t.name for t in self.inputs}]
+        return list(dict.fromkeys([t.name for t in self.inputs] + self.carried))
 
 
 @dataclass

@@ -11,6 +11,7 @@ import os
 import re
 from typing import Any
 
+import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
@@ -108,8 +109,6 @@ def parallel_devices(plan: Plan, args: AppArgs) -> int:
         share = args.num_gpus_per_stage
         shares = sum(share if share is not None else s.gpu_fraction for s in plan.stages)
         return math.ceil(shares * args.max_replicas - 1e-9)
-    import ray
-
     cores = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
     return cores // (args.torch_threads or 1)
 

@@ -83,9 +83,9 @@ class PipelineBatcher(Generic[R]):
 
     ``await batcher(payload)`` resolves to that request's result. ``run(payloads)`` runs one batch and returns
     one result (or exception) per payload, in order. A batch takes whole requests in arrival order up to
-    ``max_batch_size`` samples (a larger request goes alone); when to send is :func:`should_send`, from
-    the rate of the last ``ARRIVAL_HISTORY`` arrivals. A slot is taken before the batch is formed, so
-    while the pipeline is full, requests wait here and the next batch takes all of them.
+    ``max_batch_size`` samples (a larger request goes alone); when to send is :func:`should_send`. A slot is
+    taken before the batch is formed, so while the pipeline is full, requests wait here and the next batch
+    takes all of them.
     """
 
     def __init__(
@@ -103,29 +103,27 @@ class PipelineBatcher(Generic[R]):
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.queue: deque[tuple[Payload, asyncio.Future[R], float]] = deque()
+        self.queued_samples = 0
+        """Samples in ``queue`` (a request cancelled behind the first still counts until it is taken)."""
         self.changed = asyncio.Event()
         self.sender: asyncio.Task[None] | None = None
         self.batches: set[asyncio.Task[None]] = set()
 
     async def __call__(self, payload: Payload) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        now = time.monotonic()
-        self.queue.append((payload, future, now))
+        self.queue.append((payload, future, time.monotonic()))
+        self.queued_samples += samples(payload)
         self.changed.set()
         if self.sender is None or self.sender.done():
             self.sender = asyncio.create_task(self._send_forever())
         return await future
 
-    def queued_samples(self) -> int:
-        return sum(samples(p) for p, f, _ in self.queue if not f.done())
-
     async def _send_forever(self) -> None:
         while True:
             while not self._drop_cancelled() or self.in_flight >= self.max_in_flight:
                 await self._changed(None)
-            now = time.monotonic()
-            waited_s = now - self.queue[0][2]
-            if not should_send(self.queued_samples(), self.max_batch_size, self.in_flight, waited_s, self.wait_s):
+            waited_s = time.monotonic() - self.queue[0][2]
+            if not should_send(self.queued_samples, self.max_batch_size, self.in_flight, waited_s, self.wait_s):
                 await self._changed(self.wait_s - waited_s)
                 continue
             batch = self._take()
@@ -143,7 +141,7 @@ class PipelineBatcher(Generic[R]):
     def _drop_cancelled(self) -> bool:
         """Forget requests whose callers gave up; whether any request is left."""
         while self.queue and self.queue[0][1].done():
-            self.queue.popleft()
+            self.queued_samples -= samples(self.queue.popleft()[0])
         return bool(self.queue)
 
     def _take(self) -> list[tuple[Payload, asyncio.Future[R]]]:
@@ -156,6 +154,7 @@ class PipelineBatcher(Generic[R]):
             if batch and size + n > self.max_batch_size:
                 break
             self.queue.popleft()
+            self.queued_samples -= n
             if not future.done():
                 batch.append((payload, future))
                 size += n

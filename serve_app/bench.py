@@ -24,6 +24,8 @@ import numpy as np
 import ray
 import torch
 from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 
 from partitions.artifacts import read_plan
 from partitions.costs import measure_ms
@@ -101,6 +103,22 @@ async def stage_figures(app: str, plan: Plan, since: float, until: float) -> lis
     return out
 
 
+def serve_setups(plan: Plan, args: AppArgs) -> dict[str, Callable[[], Application]]:
+    """The Serve setups (b)-(d) by name, as application builders; all get the same batch size and wait."""
+    batch = args.max_batch_size or plan.batch_size
+    wait_s = batch_wait_s(plan, args)
+    return {
+        "serve-whole": lambda: whole_model_app(args.plan_uri, batch, wait_s),
+        "serve-chain": lambda: plain_chain_app(args.plan_uri, batch, wait_s),
+        "partserve": lambda: build_app(args),
+    }
+
+
+def entry(setup: str, handle: DeploymentHandle) -> DeploymentHandle:
+    """What a setup's requests are sent to: partserve's ``infer`` method, the baselines' ``__call__``."""
+    return handle.infer if setup == "partserve" else handle
+
+
 @contextlib.contextmanager
 def fresh_serve() -> Iterator[None]:
     """A local Ray with Serve, shut down on exit. Each setup gets its own: run one after another on one
@@ -123,22 +141,14 @@ async def compare(
     setup and level, plus stage figures."""
     plan = read_plan(plan_uri)
     args = args or AppArgs(plan_uri=plan_uri, num_cpus=0)
-    batch = args.max_batch_size or plan.batch_size
-    wait_s = batch_wait_s(plan, args)  # the same wait for every Serve setup
     requests = payloads(plan, load.samples_per_request, seed=load.seed)
     rows: list[dict[str, object]] = []
     stages: dict[str, list[dict[str, float]]] = {}
-    setups = [
-        ("serve-whole", lambda: whole_model_app(plan_uri, batch, wait_s), None),
-        ("serve-chain", lambda: plain_chain_app(plan_uri, batch, wait_s), None),
-        ("partserve", lambda: build_app(args), "infer"),
-    ]
-    for name, make, method in setups:
+    for name, make in serve_setups(plan, args).items():
         progress(name)
         app_name = f"bench-{name}"
         with fresh_serve():
-            handle = serve.run(make(), name=app_name, route_prefix=None)
-            target = getattr(handle, method) if method else handle
+            target = entry(name, serve.run(make(), name=app_name, route_prefix=None))
             start = time.time()
             for result in await sweep(cycling(target.remote, requests), load):
                 rows.append({"setup": name, **result.row(), "first_error": result.first_error})
@@ -151,7 +161,7 @@ async def compare(
         "plan": plan_uri,
         "model": plan.model["spec"],
         "stages": len(plan.stages),
-        "batch_size": batch,
+        "batch_size": args.max_batch_size or plan.batch_size,
         "rows": rows,
         "stage_figures": stages,
     }

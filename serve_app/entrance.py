@@ -107,7 +107,7 @@ class Entrance:
         """``max_batch_size``: samples per pipeline batch; ``batch_wait_timeout_s``: seconds a request waits
         for others to join its batch while the pipeline is busy (an idle pipeline takes it at once: see
         :class:`~serve_app.batching.PipelineBatcher`); ``max_concurrent_batches``: batches in the pipeline at
-        once (enough to keep every stage busy); ``cache_bytes``: size of the result cache (0: off);
+        once; ``cache_bytes``: size of the result cache (0: off);
         ``max_body_bytes``: largest body; ``retry``: how requests whose stage replica died are tried again;
         ``auth_token_file``: see :func:`serve_app.auth.load_token`."""
         self.stages = stages
@@ -117,7 +117,6 @@ class Entrance:
         self.retry = retry or RetryPolicy()
         self.retries = 0
         self.token = load_token(auth_token_file)
-        self.max_batch_size = max_batch_size
         self.batcher: PipelineBatcher[dict[str, np.ndarray]] = PipelineBatcher(
             self._pipeline, max_batch_size, batch_wait_timeout_s, max_concurrent_batches
         )
