@@ -61,7 +61,8 @@ from partitions.partition import PlanOptions, build_plan
 from partitions.plan import Plan
 from partitions.source import ModelSource, load_model
 from serve_app import codecs
-from serve_app.app import AppArgs, build_app, default_model_name, stage_name
+from serve_app.app import AppArgs, build_app, default_model_name
+from serve_app.names import stage_name
 from tests.serve_fixtures import free_port, rel_err
 
 SPEC = "demo-two-tower"

@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from cluster import local
 from partitions.artifacts import read_plan
-from serve_app import local
 from serve_app.loadgen import closed_loop, open_loop
 from serve_app.tensors import oip_datatype
 
@@ -90,9 +90,9 @@ def _rss_and_name(pid: int) -> tuple[int, str] | None:
 
 def ray_processes() -> dict[str, int]:
     """RSS in bytes of every process under this driver's raylet, keyed ``pid name``."""
-    import ray
+    from serve_app.ray_internals import raylet_pid
 
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    raylet = raylet_pid()
     sampled = {pid: _rss_and_name(pid) for pid in [raylet, *_children(raylet)]}
     return {f"{pid} {info[1]}": info[0] for pid, info in sampled.items() if info is not None}
 

@@ -1,7 +1,7 @@
 """A KubeRay RayService (``apiVersion: ray.io/v1``) for a plan: the Serve config plus the pods it needs.
 
-* ``spec.serveConfigV2``: the Serve config :func:`serve_app.app.serve_config` writes (as a YAML string), with
-  ``args.plan_uri`` set to where the cluster reads the plan, the application's ``runtime_env`` when given and,
+* ``spec.serveConfigV2``: the Serve config :func:`cluster.deploy.serve_config` writes (as a YAML string), with
+  ``args.plan_uri`` where the cluster reads the plan, the application's ``runtime_env`` when given and,
   with co-location groups, each stage's ``label_selector`` (:mod:`cluster.placement`).
 * Head group: ``num-cpus: "0"``, so no replica runs on it (only the Serve controller and proxy).
 * GPU worker groups (one GPU per pod): one for all stages, or one per co-location group, labelled for its
@@ -22,6 +22,7 @@ from typing import Any
 import ray
 import yaml
 
+from cluster.deploy import serve_config
 from cluster.errors import check
 from cluster.placement import (
     GROUP_LABEL,
@@ -30,12 +31,11 @@ from cluster.placement import (
     pack,
     parse_groups,
     placement_options,
-    stage_deployment,
 )
 from cluster.policy import bottleneck_allocation, replica_rate_per_s
 from partitions.artifacts import read_plan
 from partitions.plan import Plan
-from serve_app.app import ENTRANCE, serve_config
+from serve_app.names import ENTRANCE, stage_name
 
 API_VERSION = "ray.io/v1"
 RAY_VERSION = ray.__version__
@@ -109,7 +109,7 @@ def gpus_needed(groups: list[list[int]], counts: list[int], shares: list[float])
 def max_replicas_within(plan: Plan, replicas: dict[str, Replicas], groups: list[list[int]], budget: int) -> list[int]:
     """Per stage, the most replicas that pack onto ``budget`` GPUs: bottleneck-maximising
     (:func:`cluster.policy.bottleneck_allocation`), the fractional budget lowered until the packing fits."""
-    stages = [replicas[stage_deployment(s.index)] for s in plan.stages]
+    stages = [replicas[stage_name(s.index)] for s in plan.stages]
     lower, upper = [r.min for r in stages], [r.max for r in stages]
     shares = [r.num_gpus for r in stages]
     floor = gpus_needed(groups, lower, shares)
@@ -133,8 +133,8 @@ def worker_groups(
     """GPU groups (all stages in ``gpu``, or ``gpu-g{i}`` per co-location group) and the ``cpu`` group."""
     labelled = groups is not None
     groups = groups if labelled else [[s.index for s in plan.stages]]
-    stages = [replicas[stage_deployment(s.index)] for s in plan.stages]
-    bad = [stage_deployment(i) for i, r in enumerate(stages) if r.num_gpus <= 0]
+    stages = [replicas[stage_name(s.index)] for s in plan.stages]
+    bad = [stage_name(i) for i, r in enumerate(stages) if r.num_gpus <= 0]
     check(not bad, f"deployments {bad} reserve no GPU", "serve with gpus=True (do not set num_gpus_per_stage=0)")
     shares = [r.num_gpus for r in stages]
     top = [r.max for r in stages] if budget is None else max_replicas_within(plan, replicas, groups, budget)
@@ -146,7 +146,7 @@ def worker_groups(
         out.append(
             WorkerGroup(
                 name=f"gpu-g{g}" if labelled else "gpu",
-                deployments=[stage_deployment(i) for i in members],
+                deployments=[stage_name(i) for i in members],
                 min_pods=gpus_needed([members], [r.min for r in stages], shares),
                 max_pods=len(bins),
                 cpus=math.ceil(per_gpu * max(stages[i].num_cpus for i in members)) + 1,
@@ -241,15 +241,13 @@ def rayservice(config: dict[str, Any], groups: list[WorkerGroup], options: Clust
 
 def cluster_config(
     config: dict[str, Any],
-    plan_uri: str,
     groups: list[list[int]] | None,
     runtime_env: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The Serve config as the cluster runs it: ``plan_uri`` in the args, ``runtime_env`` and the co-location
-    selectors added; everything else as ``config`` has it."""
+    """The Serve config as the cluster runs it: ``runtime_env`` and the co-location selectors added;
+    everything else as ``config`` has it."""
     out = apply_options(config, placement_options(groups) if groups is not None else {})
     app = out["applications"][0]
-    app["args"] = {**app["args"], "plan_uri": plan_uri}
     if runtime_env:
         app["runtime_env"] = runtime_env
     return out
@@ -286,16 +284,20 @@ def generate(
     """The RayService for the plan in ``plan_dir`` (read here), served from ``plan_uri`` (default ``plan_dir``).
 
     ``colocate``: ``none`` (one GPU group), ``auto`` (:func:`cluster.placement.colocation_groups`) or groups
-    like ``0+1,2``. ``serve_args``: :func:`serve_app.app.serve_config` arguments; ``gpus`` defaults to True.
+    like ``0+1,2``. ``serve_args``: :func:`cluster.deploy.serve_config` arguments; ``gpus`` defaults to True.
     """
     plan = read_plan(plan_dir)
-    config = serve_config(plan_dir, **{"gpus": True, "autoscale": True, "gpu_budget": options.gpu_budget, **serve_args})
+    config = serve_config(
+        plan_dir,
+        plan_uri=plan_uri,
+        **{"gpus": True, "autoscale": True, "gpu_budget": options.gpu_budget, **serve_args},
+    )
     if colocate == "none":
         groups = None
     elif colocate == "auto":
         groups = colocation_groups(plan)
     else:
         groups = parse_groups(colocate, len(plan.stages))
-    config = cluster_config(config, plan_uri or plan_dir, groups, runtime_env)
+    config = cluster_config(config, groups, runtime_env)
     pools = worker_groups(plan, replicas_of(config), groups, options.gpu_budget)
     return rayservice(config, pools, options), pools

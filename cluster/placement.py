@@ -17,14 +17,10 @@ from typing import Any
 
 from cluster.errors import check
 from partitions.plan import Plan
+from serve_app.names import stage_name
 
 GROUP_LABEL = "partserve.io/group"
 _EPS = 1e-9
-
-
-def stage_deployment(index: int) -> str:
-    """The Serve deployment name of stage ``index`` (as :func:`serve_app.app.stage_name` writes it)."""
-    return f"stage-{index}"
 
 
 def colocation_groups(plan: Plan, min_transfer_bytes: int = 0, gpus_per_node: float = 1.0) -> list[list[int]]:
@@ -71,7 +67,7 @@ def parse_groups(text: str, num_stages: int) -> list[list[int]]:
 def placement_options(groups: list[list[int]]) -> dict[str, dict[str, Any]]:
     """Serve options per stage deployment that pin group ``g``'s replicas to nodes labelled ``g``."""
     return {
-        stage_deployment(i): {"ray_actor_options": {"label_selector": {GROUP_LABEL: str(g)}}}
+        stage_name(i): {"ray_actor_options": {"label_selector": {GROUP_LABEL: str(g)}}}
         for g, members in enumerate(groups)
         for i in members
     }

@@ -22,13 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve._private.common import DeploymentID
-from ray.serve.config import AutoscalingContext
+from ray.serve.config import AutoscalingContext, DeploymentID
 
 from cluster.policy import PipelineObservation, PolicyConfig, StageObservation, StageSpec, initial_state, step
-
-FULL_BATCH_METRIC = "full_batch_ms"
-POLICY_FUNCTION = "cluster.serve_policy:PipelineAutoscalingPolicy"
+from serve_app.names import FULL_BATCH_METRIC, POLICY_IMPORT_PATH
 
 
 def policy_section(stages: list[dict[str, Any]], gpu_budget: float | None = None, **config: Any) -> dict[str, Any]:
@@ -38,7 +35,7 @@ def policy_section(stages: list[dict[str, Any]], gpu_budget: float | None = None
     if gpu_budget is not None:
         kwargs["gpu_budget"] = gpu_budget
     PolicyConfig(stages=tuple(StageSpec(**s) for s in stages), **{k: v for k, v in kwargs.items() if k != "stages"})
-    return {"policy_function": POLICY_FUNCTION, "policy_kwargs": kwargs}
+    return {"policy_function": POLICY_IMPORT_PATH, "policy_kwargs": kwargs}
 
 
 def stage_observation(ctx: AutoscalingContext) -> StageObservation:

@@ -11,21 +11,18 @@ replicas, and live figures of each pipeline stage.
 
 from __future__ import annotations
 
-import re
 import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
-from ray.serve._private.constants import SERVE_NAMESPACE
-from ray.serve.context import _get_global_client
-from ray.serve.schema import ApplicationDetails, DeploymentDetails, ServeInstanceDetails
+from ray.serve.schema import ApplicationDetails, DeploymentDetails
 
 from partitions.errors import PartserveError
 from serve_app.metrics import merge_sketches, sketch_quantile
+from serve_app.names import stage_index
+from serve_app.ray_internals import SERVE_NAMESPACE, bootstrap_address, serve_details
 
-STAGE_DEPLOYMENT = re.compile(r"stage-(\d+)")
-"""Names of the stage deployments (``serve_app.app.stage_name``)."""
 CALL_TIMEOUT_S = 5.0
 """Seconds to wait for the replicas' figures; replicas that do not answer in time are left out."""
 
@@ -99,12 +96,7 @@ def connect(address: str) -> bool:
     if ray.is_initialized():
         return False
     if not address.startswith("ray://"):
-        from ray._private.services import canonicalize_bootstrap_address
-
-        try:
-            resolved = canonicalize_bootstrap_address(address)
-        except ConnectionError:
-            resolved = None
+        resolved = bootstrap_address(address)
         if resolved is None or not _listening(resolved):
             raise StatusError(
                 f"no Ray cluster at {address}",
@@ -129,10 +121,9 @@ def _listening(host_port: str, timeout_s: float = 2.0) -> bool:
 
 def gather(app: str | None = None) -> list[AppState]:
     """The applications (only ``app`` when given) on the connected cluster, with their stage figures."""
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
+    details = serve_details()
+    if details is None:
         raise StatusError("no Serve instance runs on this Ray cluster", "deploy with partserve run or serve deploy")
-    details = ServeInstanceDetails(**client.get_serve_details())
     apps = details.applications
     if not apps:
         raise StatusError("Serve runs but has no applications", "deploy with partserve run or serve deploy")
@@ -147,8 +138,8 @@ def _ordered(app: ApplicationDetails) -> list[DeploymentDetails]:
     """The other deployments (the entrance) by name, then the stages by index."""
 
     def key(d: DeploymentDetails) -> tuple[int, int, str]:
-        stage = STAGE_DEPLOYMENT.fullmatch(d.name)
-        return (1, int(stage.group(1)), "") if stage else (0, 0, d.name)
+        stage = stage_index(d.name)
+        return (1, stage, "") if stage is not None else (0, 0, d.name)
 
     return sorted(app.deployments.values(), key=key)
 
@@ -158,7 +149,7 @@ def _stage_figures(apps: list[ApplicationDetails]) -> dict[tuple[str, str], Stag
     calls: dict[ray.ObjectRef, tuple[str, str]] = {}
     for app in apps:
         for dep in app.deployments.values():
-            if not STAGE_DEPLOYMENT.fullmatch(dep.name):
+            if stage_index(dep.name) is None:
                 continue
             for replica in dep.replicas:
                 if replica.state != "RUNNING" or not replica.actor_name:

@@ -5,7 +5,7 @@
 * :mod:`serve_app.stage`: the per-stage deployment with dynamic batching.
 * :mod:`serve_app.entrance`: the HTTP / Python-handle ingress that chains the stages.
 * :mod:`serve_app.app`: the application builder and Serve config writer.
-* :mod:`serve_app.local`: start a local Ray + Serve and wait for it.
+* :mod:`cluster.local`: start a local Ray + Serve and wait for it.
 * :mod:`serve_app.batching`: payload batches sized in samples (concat, split, run together).
 * :mod:`serve_app.cache`: the entrance's opt-in result cache.
 * :mod:`serve_app.retry`: retries when a stage replica dies; 503 with ``Retry-After`` when it cannot answer.

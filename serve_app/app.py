@@ -1,7 +1,7 @@
 """The Serve application: an ``entrance`` deployment in front of ``stage-0`` ... ``stage-{N-1}``.
 
 ``build_app`` is the application builder (``import_path: serve_app.app:build_app`` in a Serve config, with
-:class:`AppArgs` as ``args``); ``serve_config`` writes such a config for ``serve deploy`` / ``serve run``.
+:class:`AppArgs` as ``args``); :func:`cluster.deploy.serve_config` writes such a config for ``serve deploy``.
 """
 
 # No ``from __future__ import annotations``: Serve reads build_app's annotation to turn ``args`` into AppArgs.
@@ -18,15 +18,9 @@ from ray.serve import Application
 from partitions.artifacts import read_plan
 from partitions.plan import Plan
 from serve_app.entrance import Entrance
+from serve_app.names import ENTRANCE, stage_name
 from serve_app.retry import RetryPolicy
 from serve_app.stage import StageDeployment
-
-IMPORT_PATH = "serve_app.app:build_app"
-ENTRANCE = "entrance"
-
-
-def stage_name(index: int) -> str:
-    return f"stage-{index}"
 
 
 class AppArgs(BaseModel):
@@ -177,67 +171,3 @@ def build_app(args: AppArgs) -> Application:
         RetryPolicy(attempts=args.retry_attempts, retry_after_s=args.retry_after_s),
         args.auth_token_file,
     )
-
-
-def pipeline_policy(plan: Plan, args: AppArgs, gpu_budget: float | None = None) -> dict[str, Any]:
-    """The coordinated autoscaling policy (:mod:`cluster.serve_policy`) for this plan's stage deployments.
-
-    A stage request is a batch the entrance formed (``max_batch_size`` samples), so each stage serves one
-    request at a time in the policy's terms; its service time starts from the profiled stage time scaled to
-    that batch, and follows the replicas' measured time per request."""
-    from cluster.serve_policy import policy_section
-
-    batch = args.max_batch_size or plan.batch_size
-    stages = [
-        {
-            "name": stage_name(s.index),
-            "service_ms": max(s.measured_ms * batch / plan.batch_size, 1e-3),
-            "batch_size": 1,
-            "gpu_fraction": s.gpu_fraction if args.gpus else 0.0,
-            "min_replicas": args.min_replicas,
-            "max_replicas": args.max_replicas,
-        }
-        for s in plan.stages
-    ]
-    return policy_section(stages, gpu_budget)
-
-
-def serve_config(
-    plan_uri: str,
-    *,
-    app_name: str = "partserve",
-    route_prefix: str = "/",
-    host: str = "0.0.0.0",
-    port: int = 8000,
-    autoscaling_policy: dict[str, Any] | None = None,
-    autoscale: bool = False,
-    gpu_budget: float | None = None,
-    **args: Any,
-) -> dict[str, Any]:
-    """A Serve config (the dict behind ``serve deploy config.yaml``) for the plan at ``plan_uri``.
-
-    ``args`` are further :class:`AppArgs` fields (``gpus=True``, ``max_replicas=4``, ...). The per-deployment
-    options are written out as well so they can be edited in the file. ``autoscaling_policy``
-    (``{"policy_function": "module:callable", "policy_kwargs": {...}}``) is the application-level policy,
-    which Serve only takes from the config; it overrides the deployments' own policies. ``autoscale``
-    without one: the coordinated :func:`pipeline_policy` under ``gpu_budget`` (what ``partserve build``,
-    ``run`` and ``k8s`` write).
-    """
-    app_args = AppArgs(plan_uri=plan_uri, **args)
-    plan = read_plan(plan_uri)
-    if autoscale and autoscaling_policy is None:
-        autoscaling_policy = pipeline_policy(plan, app_args, gpu_budget)
-    options = deployment_options(plan, app_args)
-    if autoscaling_policy is not None:
-        for stage in plan.stages:  # the application policy's own delays govern, not Serve's defaults
-            options[stage_name(stage.index)]["autoscaling_config"].update(upscale_delay_s=0, downscale_delay_s=0)
-    app: dict[str, Any] = {
-        "name": app_name,
-        "route_prefix": route_prefix,
-        "import_path": IMPORT_PATH,
-        "args": app_args.model_dump(exclude_defaults=True),
-        "deployments": [{"name": name, **opts} for name, opts in options.items()],
-    }
-    if autoscaling_policy is not None:
-        app["autoscaling_policy"] = autoscaling_policy
-    return {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port}, "applications": [app]}

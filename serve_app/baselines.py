@@ -21,9 +21,9 @@ from ray.serve.handle import DeploymentHandle
 from partitions.artifacts import read_plan
 from partitions.runtime import pick_device
 from partitions.source import load_model
-from serve_app.app import stage_name
 from serve_app.batching import concat, split
 from serve_app.entrance import run_stages
+from serve_app.names import stage_name
 from serve_app.stage import StageDeployment
 from serve_app.tensors import Payload
 

@@ -33,9 +33,10 @@ from partitions.plan import Plan
 from partitions.runtime import pick_device
 from partitions.source import load_model
 from partitions.verify import random_inputs
-from serve_app.app import AppArgs, batch_wait_s, build_app, stage_name
+from serve_app.app import AppArgs, batch_wait_s, build_app
 from serve_app.baselines import plain_chain_app, whole_model_app
 from serve_app.loadgen import Call, RunResult, closed_loop, open_loop
+from serve_app.names import stage_name
 
 SETUPS = ("torch", "serve-whole", "serve-chain", "partserve")
 

@@ -21,12 +21,11 @@ from ray import serve
 from partitions.runtime import StageRunner
 from serve_app.batching import run_together, samples, total_samples
 from serve_app.metrics import StageMetrics, window_summary
+from serve_app.names import FULL_BATCH_METRIC
 from serve_app.tensors import Payload
 
 BUSY_HISTORY = 10_000
 """Busy intervals kept per replica (the oldest are dropped)."""
-FULL_BATCH_METRIC = "full_batch_ms"
-"""Custom autoscaling metric read by :mod:`cluster.serve_policy`."""
 STATS_WINDOW = 32
 """Batches the autoscaling metric looks back over."""
 

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import ray
 from ray import serve
-from ray.serve._private.api import _get_global_client
-from ray.serve.schema import ServeInstanceDetails
 
-from serve_app import local
+from cluster import local
 from serve_app.app import AppArgs, build_app
+from serve_app.ray_internals import serve_details
 from tests.serve_fixtures import free_port
 
 READY_TIMEOUT_S = 300.0
@@ -56,7 +55,8 @@ def serve_session(
 
 def replicas(app: str) -> list[Replica]:
     """The RUNNING replicas of application ``app``, with their actor names and worker pids."""
-    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    details = serve_details()
+    assert details is not None, "Serve is not running"
     return [
         Replica(name, r.actor_name, r.pid)
         for name, dep in details.applications[app].deployments.items()

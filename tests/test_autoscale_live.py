@@ -28,16 +28,16 @@ import pytest
 import ray
 import torch
 from ray import serve
-from ray.serve.context import _get_global_client
-from ray.serve.schema import ServeInstanceDetails
 from torch import nn
 
+from cluster import local
+from cluster.deploy import pipeline_policy, serve_config
 from cluster.serve_policy import policy_section
 from cluster.status import gather
 from partitions.partition import PlanOptions, build_plan
 from partitions.source import load_model
-from serve_app import local
-from serve_app.app import AppArgs, pipeline_policy, serve_config
+from serve_app.app import AppArgs
+from serve_app.ray_internals import serve_details
 from tests.serve_fixtures import free_port
 
 pytestmark = pytest.mark.slow
@@ -122,7 +122,8 @@ Counts = dict[str, tuple[int, int]]
 def replica_counts() -> Counts:
     """``(running, target)`` replicas per stage, from the controller's details (what ``serve.status()`` reads,
     plus the target)."""
-    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    details = serve_details()
+    assert details is not None
     deployments = details.applications[APP].deployments
     return {
         name: (sum(r.state == "RUNNING" for r in deployments[name].replicas), deployments[name].target_num_replicas)
@@ -228,7 +229,7 @@ def test_status_json_of_running_app(served: Served) -> None:
         r.result(timeout_s=60)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
     r = subprocess.run(
-        [sys.executable, "-c", "from cli.status import status; status()", "--address", served.gcs_address, "--json"],
+        [sys.executable, "-m", "partserve", "status", "--address", served.gcs_address, "--json"],
         capture_output=True,
         text=True,
         env=env,

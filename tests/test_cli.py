@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def partserve(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-c", "from cli import main; main()", *args],
+        [sys.executable, "-m", "partserve", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -20,7 +20,7 @@ from ray.serve.schema import ServeDeploySchema
 from tests.serve_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-c", "from cli import main; main()"]
+CLI = [sys.executable, "-m", "partserve"]
 
 
 @pytest.fixture(scope="module")

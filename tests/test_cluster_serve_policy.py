@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ray.serve._private.common import DeploymentID
 from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
-from ray.serve.config import AutoscalingConfig, AutoscalingContext
+from ray.serve.config import AutoscalingConfig, AutoscalingContext, DeploymentID
 
 from cluster.serve_policy import PipelineAutoscalingPolicy
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.compress import compress as compress_command
 from partitions.compress.api import calibration_inputs, compress
 from partitions.compress.measure import outputs
 from partitions.compress.quantize import Int8Linear, exportable, quantize
@@ -16,6 +15,7 @@ from partitions.errors import PartserveError
 from partitions.partition import PlanOptions, build_plan
 from partitions.source import load_model
 from partitions.verify import verify
+from partserve.cli.compress import compress as compress_command
 
 
 def test_pruned_cnn_plans_and_verifies(tmp_path) -> None:

@@ -12,14 +12,14 @@ import yaml
 from click.testing import CliRunner
 from ray.serve.schema import ServeDeploySchema
 
-from cli.k8s import k8s
+from cluster.deploy import serve_config
 from cluster.errors import ScalingConfigError
 from cluster.k8s import ClusterOptions, dump, generate, gpus_needed, replicas_of
-from cluster.placement import GROUP_LABEL, colocation_groups, pack, parse_groups, stage_deployment
+from cluster.placement import GROUP_LABEL, colocation_groups, pack, parse_groups
 from partitions.partition import PlanOptions, build_plan
 from partitions.plan import Plan
 from partitions.source import load_model
-from serve_app.app import serve_config, stage_name
+from partserve.cli.k8s import k8s
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO.parent / "shared" / "kuberay"
@@ -148,9 +148,9 @@ def test_manifest_validates_and_carries_serve_config(
     manifest, groups = generate(uri, cluster_uri, options=ClusterOptions(gpu_budget=budget), **kwargs)
     config = check_manifest(yaml.safe_load(dump(manifest)), crd_validator)
     serve_args = {k: v for k, v in kwargs.items() if k not in ("colocate", "runtime_env")}
-    expected = serve_config(uri, gpus=True, autoscale=True, gpu_budget=budget, **serve_args)  # as build writes it
+    # as `partserve build --plan-uri` writes it
+    expected = serve_config(uri, plan_uri=cluster_uri, gpus=True, autoscale=True, gpu_budget=budget, **serve_args)
     assert expected["applications"][0]["autoscaling_policy"]["policy_kwargs"].get("gpu_budget") == budget
-    expected["applications"][0]["args"]["plan_uri"] = cluster_uri
     assert without_cluster_fields(config) == expected
     assert config["applications"][0].get("runtime_env") == kwargs.get("runtime_env")
     gpu_pods = sum(g.max_pods for g in groups if g.gpus)
@@ -231,7 +231,6 @@ def test_colocation_groups_follow_the_plan(plans: dict[str, tuple[str, Plan]]) -
     assert parse_groups("0+2,1", 3) == [[0, 2], [1]]
     with pytest.raises(ScalingConfigError):
         parse_groups("0+x", 3)
-    assert stage_deployment(2) == stage_name(2)
 
 
 def test_pack_keeps_large_shares_apart() -> None:

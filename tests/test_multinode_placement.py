@@ -25,14 +25,14 @@ import pytest
 import ray
 from ray import serve
 from ray.cluster_utils import Cluster
-from ray.serve.context import _get_global_client
-from ray.serve.schema import ServeDeploySchema
 
+from cluster.deploy import serve_config
 from cluster.placement import GROUP_LABEL, apply_options, colocation_groups, placement_options
 from partitions.partition import PlanOptions, build_plan
 from partitions.plan import PLAN_FILE, Plan
 from partitions.source import load_model
-from serve_app.app import ENTRANCE, serve_config
+from serve_app.names import ENTRANCE
+from serve_app.ray_internals import alive_actor_nodes, deploy_apps
 
 pytestmark = pytest.mark.slow
 
@@ -84,15 +84,12 @@ def deploy(uri: str, name: str, options: dict[str, dict[str, Any]]) -> None:
     config = serve_config(uri, app_name=name, route_prefix=f"/{name}", gpus=True, num_cpus=0, max_batch_size=4)
     entrance = {ENTRANCE: {"ray_actor_options": {"label_selector": {GROUP_LABEL: "head"}}}}
     config = apply_options(config, {**entrance, **options})
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+    deploy_apps(config, blocking=True)
 
 
 def placement(app: str) -> dict[str, tuple[str, float]]:
     """``{deployment: (node id, GPU share)}`` of the app's live replicas (one each)."""
-    alive = ray._private.state.actors(actor_state_name="ALIVE").values()
-    nodes = {
-        a["Name"].split("#")[1]: a["Address"]["NodeID"] for a in alive if a["Name"].startswith(f"SERVE_REPLICA::{app}#")
-    }
+    nodes = placement_alive(app)
     out = {}
     for name, node in nodes.items():
         if name.startswith("stage-"):
@@ -201,7 +198,4 @@ def test_colocated_stages_share_a_node_and_survive_its_loss(cluster: dict[str, A
 
 def placement_alive(app: str) -> dict[str, str]:
     """``{deployment: node id}`` of the app's live replicas, from the actor table only."""
-    alive = ray._private.state.actors(actor_state_name="ALIVE").values()
-    return {
-        a["Name"].split("#")[1]: a["Address"]["NodeID"] for a in alive if a["Name"].startswith(f"SERVE_REPLICA::{app}#")
-    }
+    return {name.split("#")[1]: node for name, node in alive_actor_nodes(f"SERVE_REPLICA::{app}#").items()}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import AppArgs, serve_config
+from cluster.deploy import serve_config
+from serve_app.app import AppArgs
 from tests.serve_fixtures import MLP, PlannedModel, plan_model
 
 

@@ -20,14 +20,15 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
-import ray
 from ray import serve
 
+from cluster import local
 from partitions.errors import ArtifactError
 from partitions.runtime import StageRunner
 from partitions.verify import verify
-from serve_app import auth, codecs, local
+from serve_app import auth, codecs
 from serve_app.app import AppArgs
+from serve_app.ray_internals import session_dir
 from serve_app.tensors import BadRequest, check_inputs
 from tests.serve_fixtures import MLP, PlannedModel, plan_model, rel_err
 from tests.serve_session import serve_session
@@ -259,6 +260,6 @@ def test_bearer_token_guards_all_but_health(deployed: Deployed, mlp: PlannedMode
     assert r.status_code == 200, r.text
     got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(2, 10)
     assert rel_err(got, mlp.reference(x)["output"]) <= 1e-6
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    logs = Path(session_dir()) / "logs"
     leaked = [p.name for p in logs.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert not leaked, f"the token appears in {leaked}"

@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import (
-    IMPORT_PATH,
-    AppArgs,
-    batch_wait_s,
-    default_model_name,
-    in_flight_batches,
-    parallel_devices,
-    serve_config,
-)
+from cluster.deploy import serve_config
+from serve_app.app import AppArgs, batch_wait_s, default_model_name, in_flight_batches, parallel_devices
+from serve_app.names import APP_IMPORT_PATH
 from tests.serve_fixtures import MLP, PlannedModel, plan_model
 
 
@@ -29,7 +23,7 @@ def test_config_validates_and_reserves_planned_gpu_shares(mlp: PlannedModel) -> 
     config = serve_config(mlp.uri, app_name="m", port=8100, gpus=True, max_replicas=3, num_cpus=0.5)
     schema = ServeDeploySchema.model_validate(config)
     (app,) = schema.applications
-    assert app.import_path == IMPORT_PATH and app.route_prefix == "/"
+    assert app.import_path == APP_IMPORT_PATH and app.route_prefix == "/"
     assert AppArgs.model_validate(app.args) == AppArgs(plan_uri=mlp.uri, gpus=True, max_replicas=3, num_cpus=0.5)
     deployments = {d.name: d for d in app.deployments}
     assert set(deployments) == {"entrance"} | {f"stage-{s.index}" for s in mlp.plan.stages}

@@ -31,7 +31,8 @@ import ray
 from ray import serve
 
 from serve_app import codecs, local
-from serve_app.app import AppArgs, build_app, stage_name
+from serve_app.app import AppArgs, build_app
+from serve_app.names import stage_name
 from tests.serve_fixtures import PlannedModel, free_port, plan_model, rel_err
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from serve_app import local
-from serve_app.app import serve_config
+from cluster import local
+from cluster.deploy import serve_config
 from serve_app.tensors import oip_datatype
 from tests.serve_fixtures import MLP, free_port, plan_model, rel_err
 

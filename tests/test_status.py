@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from cli.status import render
 from cluster.status import AppState, DeploymentState, stage_figures
+from partserve.cli.status import render
 from serve_app.metrics import merge_sketches, sketch_key, sketch_quantile, window_summary
 from tests.serve_fixtures import free_port
 
@@ -87,7 +87,7 @@ def test_table_shows_replicas_and_figures() -> None:
 def run_status(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-c", "from cli.status import status; status()", *args],
+        [sys.executable, "-m", "partserve", "status", *args],
         capture_output=True,
         text=True,
         env=base | (env or {}),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.output import console, domain_errors, emit_json, parse_pairs, table
+from partserve.cli.output import console, domain_errors, emit_json, parse_pairs, table
 
 
 @click.command("k8s")

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cli.output import console, domain_errors, emit_json, human_bytes, parse_pairs, table
+from partserve.cli.output import console, domain_errors, emit_json, human_bytes, parse_pairs, table
 
 
 def _pairs(text: str | None, cast: type, option: str) -> dict[str, Any]:

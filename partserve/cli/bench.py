@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from cli.output import console, domain_errors, emit_json, err_console, table
+from partserve.cli.output import console, domain_errors, emit_json, err_console, table
 
 
 def _floats(text: str) -> list[float]:
@@ -91,7 +91,7 @@ def bench(
     if sum(map(bool, (compare, url, app_name))) != 1:
         raise PartserveError("say what to measure", "pass one of --compare, --url URL or --app NAME")
     if compare:
-        from cli.serving import resolve_plan
+        from partserve.cli.serving import resolve_plan
         from serve_app.app import AppArgs
 
         uri = resolve_plan(target, 4, 8, not as_json)

@@ -3,14 +3,12 @@ of Ray Serve's default autoscaler, and report latency, SLO attainment and cost."
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cli.output import console, domain_errors, emit_json, progress_bar, table
 from cluster.errors import ScalingConfigError, check
 from cluster.policy import PolicyConfig
 from cluster.sim.engine import SimConfig, StageModel
@@ -18,6 +16,8 @@ from cluster.sim.engine import simulate as run_pipeline
 from cluster.sim.policies import Coordinated, RayDefault, RayDefaultConfig, policy_stages
 from cluster.sim.report import plot, summarize
 from cluster.sim.workloads import KINDS, Workload, arrivals
+from partserve.cli.output import console, domain_errors, emit_json, progress_bar, table
+from serve_app.names import stage_name
 
 _PROGRESS_MIN_REQUESTS = 100_000
 
@@ -32,7 +32,7 @@ def parse_rate(text: str, capacity_rate_per_s: float) -> float:
 
 
 def load_stages(
-    plan_dir: Path | None,
+    plan_dir: str | None,
     service_ms: str | None,
     batch_size: int,
     fixed_ms: float,
@@ -40,17 +40,15 @@ def load_stages(
     min_replicas: int,
     max_replicas: int,
 ) -> list[StageModel]:
-    """Stages from ``plan_dir/plan.json`` (``measured_ms`` per batch of ``batch_size``) or ``--service-ms``."""
+    """Stages from the plan in ``plan_dir`` (``measured_ms`` per batch of ``batch_size``) or ``--service-ms``."""
     gpus: list[float]
     if plan_dir is not None:
-        path = plan_dir / "plan.json"
-        try:
-            plan = json.loads(path.read_text())
-            full_ms = [float(s["measured_ms"]) for s in plan["stages"]]
-            batch_size = int(plan["batch_size"])
-            gpus = [float(s.get("gpu_fraction", gpu_fraction)) for s in plan["stages"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ScalingConfigError(f"cannot read stage costs from {path}: {exc}", "pass a plan directory") from exc
+        from partitions.artifacts import read_plan
+
+        plan = read_plan(plan_dir)  # a local path or an s3:// ... URI, checked as serving checks it
+        full_ms = [s.measured_ms for s in plan.stages]
+        batch_size = plan.batch_size
+        gpus = [s.gpu_fraction for s in plan.stages]
     else:
         check(service_ms is not None, "no stages given", "pass --service-ms 170,250,210,130 or --plan DIR")
         try:
@@ -62,7 +60,7 @@ def load_stages(
         check(ms > fixed_ms, f"stage {i}: service time ({ms} ms) must exceed fixed_ms ({fixed_ms} ms)")
     return [
         StageModel(
-            name=f"stage-{i}",
+            name=stage_name(i),
             fixed_ms=fixed_ms,
             per_sample_ms=(ms - fixed_ms) / batch_size,
             max_batch_size=batch_size,
@@ -89,7 +87,7 @@ def _row(name: str, s: dict[str, Any]) -> list[Any]:
 
 
 @click.command("simulate")
-@click.option("--plan", "plan_dir", type=click.Path(path_type=Path, file_okay=False), help="Plan directory (costs).")
+@click.option("--plan", "plan_dir", help="Plan directory or URI (stage costs).")
 @click.option("--service-ms", help="Full-batch service time per stage, comma-separated (without --plan).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Without --plan.")
 @click.option(

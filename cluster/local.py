@@ -1,11 +1,11 @@
 """Run the application on this machine (or on a Ray cluster) and wait until it answers.
 
-* ``start(plan_uri, ...) -> app name``: connects to Ray at ``address``, or starts a new local instance
-  without the dashboard (never joins one it happens to find), starts Serve's HTTP proxy on ``host:port``
-  (if Serve is not running yet) and deploys the app at ``route_prefix`` (``/``); returns once it runs.
+* ``deploy_config(config, address)``: deploys a Serve config (:func:`cluster.deploy.serve_config`) on the Ray
+  at ``address``, or on a new local instance without the dashboard (never one it happens to find), as
+  ``serve deploy`` would: the one deploy path, so the application-level autoscaling policy applies;
+  ``wait_running(names)`` waits for it.
+* ``start(plan_uri, ...) -> app name``: the same for one plan, returning once it runs.
 * ``wait_ready(url, timeout_s)``: polls ``{url}/v2/health/ready`` until it answers 200.
-* ``deploy_config(config, address)``: the same from a Serve config dict (see ``serve_app.app.serve_config``),
-  the only way to apply an application-level autoscaling policy; ``wait_running(names)`` waits for it.
 * ``stop()``: removes every Serve app and shuts down the Ray instance this process started or joined.
 
 Then ``serve.get_app_handle(name).infer.remote(x)`` runs the model from Python (see
@@ -21,7 +21,8 @@ import httpx
 import ray
 from ray import serve
 
-from serve_app.app import AppArgs, build_app
+from cluster.deploy import serve_config
+from serve_app.ray_internals import deploy_apps
 
 
 def start(
@@ -33,37 +34,30 @@ def start(
     host: str = "127.0.0.1",
     port: int = 8000,
     num_gpus: float | None = None,
+    timeout_s: float = 120.0,
     **args: Any,
 ) -> str:
-    """Deploy the plan at ``plan_uri`` as Serve app ``name`` and return ``name``.
+    """Deploy the plan at ``plan_uri`` as Serve app ``name`` and return ``name`` once it runs.
 
-    ``num_gpus``: GPUs of a new local Ray instance (ignored when joining ``address``); with ``gpus=True`` in
-    ``args`` each stage reserves its planned share. ``args`` are further :class:`AppArgs` fields.
-    """
-    if not ray.is_initialized():
-        ray.init(address=address or "local", num_gpus=num_gpus, include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(AppArgs(plan_uri=plan_uri, **args)), name=name, route_prefix=route_prefix)
+    ``num_gpus``: GPUs of a new local Ray instance (ignored when joining ``address``); ``args``: further
+    :func:`cluster.deploy.serve_config` keywords (``gpus=True``, ``autoscale=True``, AppArgs fields)."""
+    config = serve_config(plan_uri, app_name=name, route_prefix=route_prefix, host=host, port=port, **args)
+    wait_running(deploy_config(config, address, num_gpus), timeout_s)
     return name
 
 
 def deploy_config(config: dict[str, Any], address: str | None = None, num_gpus: float | None = None) -> list[str]:
-    """Deploy a Serve config (as ``serve run config.yaml`` does, so an application-level autoscaling policy
-    applies) on the Ray at ``address``, or a new local one; returns the application names."""
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(config)
+    """Deploy a Serve config (as ``serve deploy config.yaml`` does) on the Ray at ``address``, or a new local
+    one with ``num_gpus`` logical GPUs; returns the application names without waiting for them."""
     if not ray.is_initialized():
         ray.init(address=address or "local", num_gpus=num_gpus, include_dashboard=False)
-    client = serve_api.serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
-    client.deploy_apps(schema, _blocking=False)
-    return [app.name for app in schema.applications]
+    return deploy_apps(config)
 
 
 def wait_running(names: list[str], timeout_s: float = 120.0) -> None:
     """Wait until Serve reports every application in ``names`` RUNNING; raise on DEPLOY_FAILED or timeout."""
     deadline = time.monotonic() + timeout_s
+    states: dict[str, str] = {}
     while time.monotonic() < deadline:
         apps = serve.status().applications
         states = {n: str(apps[n].status) if n in apps else "NOT_STARTED" for n in names}

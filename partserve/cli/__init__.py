@@ -1,5 +1,5 @@
 """The ``partserve`` command line."""
 
-from cli.main import main
+from partserve.cli.main import main
 
 __all__ = ["main"]

@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from cli.output import console, domain_errors, emit_json, table
+from partserve.cli.output import console, domain_errors, emit_json, table
 
 if TYPE_CHECKING:
     from cluster.status import AppState, DeploymentState

@@ -8,7 +8,7 @@ from typing import Any
 import click
 import numpy as np
 
-from cli.output import (
+from partserve.cli.output import (
     console,
     domain_errors,
     emit_json,
@@ -228,12 +228,12 @@ def zoo(as_json: bool) -> None:
 
 def _register() -> None:
     """Commands that live beside the subsystem they drive."""
-    from cli.bench import bench
-    from cli.compress import compress
-    from cli.k8s import k8s
-    from cli.serving import build, run
-    from cli.simulate import simulate
-    from cli.status import status
+    from partserve.cli.bench import bench
+    from partserve.cli.compress import compress
+    from partserve.cli.k8s import k8s
+    from partserve.cli.serving import build, run
+    from partserve.cli.simulate import simulate
+    from partserve.cli.status import status
 
     for command in (run, build, status, bench, compress, simulate, k8s):
         main.add_command(command)

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from cli.output import console, domain_errors, emit_json, err_console, progress_bar
+from partserve.cli.output import console, domain_errors, emit_json, err_console, progress_bar
 
 DEFAULT_MODEL = "demo-transformer"
 DEFAULT_STAGES = 4
@@ -52,7 +52,8 @@ def resolve_plan(target: str | None, stages: int, batch_size: int, show_progress
 
 
 def _serve_config(
-    plan_uri: str,
+    plan_dir: str,
+    plan_uri: str | None,
     host: str,
     port: int,
     *,
@@ -64,11 +65,13 @@ def _serve_config(
     gpu_budget: float | None,
     token_file: str | None,
 ) -> dict[str, Any]:
-    """The Serve config for the scaling options ``run`` and ``build`` share."""
-    from serve_app.app import serve_config
+    """The Serve config for the scaling options ``run`` and ``build`` share, built from the plan in
+    ``plan_dir`` and served from ``plan_uri`` (default ``plan_dir``)."""
+    from cluster.deploy import serve_config
 
     return serve_config(
-        plan_uri,
+        plan_dir,
+        plan_uri=plan_uri,
         host=host,
         port=port,
         autoscale=autoscale,
@@ -161,8 +164,8 @@ def run(
 ) -> None:
     """Serve TARGET (a plan directory, or a MODEL planned once into a cache; default: the demo transformer)
     on a local Ray, or the cluster at --address, until Ctrl-C."""
+    from cluster import local
     from partitions.artifacts import read_plan
-    from serve_app import local
     from serve_app.app import default_model_name
 
     started = time.monotonic()
@@ -170,7 +173,7 @@ def run(
     plan = read_plan(uri)
     if scaling["token_file"]:  # read by replicas on this machine
         scaling["token_file"] = os.path.abspath(scaling["token_file"])
-    config = _serve_config(uri, host, port, **scaling)
+    config = _serve_config(uri, None, host, port, **scaling)
     if not as_json:
         err_console.print(f"deploying {len(plan.stages)} stages of {plan.model['spec']} from {uri} ...")
     names = local.deploy_config(config, address)
@@ -227,10 +230,8 @@ def build(
     """Write a Serve config for PLAN_DIR that `serve deploy` and `serve run` accept."""
     import yaml
 
-    from partitions.artifacts import read_plan
 
-    read_plan(plan_dir)  # fail early, with a clear message, on a missing or broken plan
-    config = _serve_config(plan_uri or plan_dir, host, port, **scaling)  # paths as the cluster's nodes see them
+    config = _serve_config(plan_dir, plan_uri, host, port, **scaling)  # plan_uri: as the cluster's nodes see it
     with open(out, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     if as_json:

@@ -1,0 +1,67 @@
+"""Every private Ray API partserve uses, in one place, each with what it is for.
+
+Checked against Ray :data:`CHECKED_RAY_VERSION`; Ray may change these without notice, so a Ray upgrade
+starts here (the tests exercise each one). Code elsewhere imports Ray's public API only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
+
+CHECKED_RAY_VERSION = "2.60.0"
+"""The Ray release these imports and signatures were read from (``site-packages/ray``)."""
+
+SERVE_NAMESPACE: str = "serve"
+"""Ray namespace of Serve's actors (``ray.serve._private.constants.SERVE_NAMESPACE``)."""
+
+
+def serve_details() -> ServeInstanceDetails | None:
+    """What ``serve status`` and the dashboard show (applications, deployments, replicas with actor names and
+    pids), from the connected cluster's Serve controller; None when no controller runs."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else ServeInstanceDetails(**client.get_serve_details())
+
+
+def deploy_apps(config: dict[str, Any], blocking: bool = False) -> list[str]:
+    """Apply a Serve config dict as ``serve deploy`` does (so an application-level ``autoscaling_policy``
+    applies, which ``serve.run`` cannot set), starting Serve with the config's HTTP options if it is not
+    running; returns the application names. The public route goes through the dashboard's REST API, which
+    a local Ray started without the dashboard does not have."""
+    from ray.serve._private import api as serve_api
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema, _blocking=blocking)
+    return [app.name for app in schema.applications]
+
+
+def bootstrap_address(address: str) -> str | None:
+    """``auto`` or ``host:port`` resolved to the GCS ``host:port`` as ``ray.init`` would (None: none found)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(address)
+    except ConnectionError:
+        return None
+
+
+def session_dir() -> str:
+    """The connected Ray session's directory (its ``logs/`` holds every process's log)."""
+    return ray._private.worker._global_node.get_session_dir_path()
+
+
+def raylet_pid() -> int:
+    """Process id of the raylet of the Ray instance this driver started (its workers are its children)."""
+    return ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+
+
+def alive_actor_nodes(name_prefix: str) -> dict[str, str]:
+    """``{actor name: node id}`` of the live actors whose name starts with ``name_prefix``, read from the GCS
+    actor table (``ray.util.state`` needs the dashboard, which local test clusters run without)."""
+    alive = ray._private.state.actors(actor_state_name="ALIVE").values()
+    return {a["Name"]: a["Address"]["NodeID"] for a in alive if a["Name"].startswith(name_prefix)}
