@@ -57,13 +57,15 @@ import ray
 import torch
 from ray import serve
 
+from partitions.inputs import random_inputs
 from partitions.partition import PlanOptions, build_plan
 from partitions.plan import Plan
 from partitions.source import ModelSource, load_model
 from serve_app import codecs
 from serve_app.app import AppArgs, build_app, default_model_name
 from serve_app.names import stage_name
-from tests.serve_fixtures import free_port, rel_err
+from serve_app.ports import free_port
+from tests.serve_fixtures import rel_err
 
 SPEC = "demo-two-tower"
 APPS = ("branch", "sequential")
@@ -169,7 +171,6 @@ def measure(
     alternating HTTP and the handle."""
     rng = np.random.default_rng(0)
     batch = plans[APPS[0]].batch_size
-    features = source.example_inputs["query"].shape[1]
     samples: dict[str, dict[str, list[float]]] = {app: {"http": [], "handle": []} for app in plans}
     stage_times: dict[str, list[list[float]]] = {app: [[] for _ in plan.stages] for app, plan in plans.items()}
     threads: dict[str, list[int]] = {}
@@ -197,7 +198,7 @@ def measure(
                     if i == warmup:
                         since = time.time()
                         cpu_before = {name: thread_cpu_s(pid) for name, pid in pids.items()}
-                    x = {k: rng.standard_normal((batch, features)).astype(np.float32) for k in ("query", "item")}
+                    x = random_inputs(plans[app].inputs, batch, rng, plans[app].input_ranges)
                     for path in PATHS if i % 2 else PATHS[::-1]:
                         ms, out = timed(paths[path], x)
                         if i >= warmup:

@@ -43,9 +43,10 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
 
 async def measure(plan_uri: str, setup: str, concurrency: int, duration_s: float, options: dict) -> None:
     plan = read_plan(plan_uri)
-    make = bench.serve_setups(plan, AppArgs(plan_uri=plan_uri, num_cpus=0, **options))[setup]
-    handle = bench.entry(setup, serve.run(make(), name="split", route_prefix=None))
-    call = bench.cycling(handle.remote, bench.payloads(plan, 1))
+    config, make = bench.serve_setups(plan, AppArgs(plan_uri=plan_uri, num_cpus=0, **options))[setup]
+    print(config)
+    handle = serve.run(make(), name="split", route_prefix=None)
+    call = bench.cycling(handle.infer.remote, bench.payloads(plan, 1))
     await closed_loop(call, concurrency, duration_s=3.0, warmup_s=1.0)
     before, start = cpu_seconds(), time.time()
     result = await closed_loop(call, concurrency, duration_s, warmup_s=0.0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -32,7 +31,9 @@ import numpy as np
 
 from cluster import local
 from partitions.artifacts import read_plan
+from partitions.inputs import random_inputs
 from serve_app.loadgen import closed_loop, open_loop
+from serve_app.ports import free_port
 from serve_app.tensors import oip_datatype
 
 MIB = 2**20
@@ -97,12 +98,6 @@ def ray_processes() -> dict[str, int]:
     return {f"{pid} {info[1]}": info[0] for pid, info in sampled.items() if info is not None}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def slope_mib_per_min(points: list[tuple[float, int]]) -> float:
     """Least-squares slope of RSS over time, in MiB per minute (0 for fewer than 2 points)."""
     if len(points) < 2:
@@ -114,17 +109,18 @@ def slope_mib_per_min(points: list[tuple[float, int]]) -> float:
 
 def request_body(plan_uri: str, batch: int) -> dict[str, object]:
     """A valid OIP JSON request of ``batch`` samples of random inputs."""
-    rng = np.random.default_rng(0)
     plan = read_plan(plan_uri)
+    arrays = random_inputs(plan.inputs, batch, 0, plan.input_ranges)
     inputs = []
     for spec in plan.inputs:
-        shape = [batch, *spec.shape[1:]]
-        if spec.name in plan.input_ranges:
-            data = rng.integers(*plan.input_ranges[spec.name], shape).astype(spec.dtype)
-        else:
-            data = rng.standard_normal(shape).astype(spec.dtype)
+        data = arrays[spec.name]
         inputs.append(
-            {"name": spec.name, "shape": shape, "datatype": oip_datatype(spec.dtype), "data": data.ravel().tolist()}
+            {
+                "name": spec.name,
+                "shape": list(data.shape),
+                "datatype": oip_datatype(spec.dtype),
+                "data": data.ravel().tolist(),
+            }
         )
     return {"inputs": inputs}
 

@@ -4,7 +4,8 @@
 the plan) and writes ``plan_uri`` (where the cluster's nodes read it; default ``plan_dir``) into the
 application's ``args``: the two differ when the plan was uploaded to object storage.
 
-The application section is :func:`app_section`; the config around it adds only the HTTP options. What a
+The application section is :func:`app_section`; the config around it adds only the HTTP options (the proxy's
+``request_timeout_s`` after the application's request deadline: :func:`serve_app.app.proxy_timeout_s`). What a
 command adds on top (``k8s``: ``runtime_env`` and co-location selectors) it adds to this section.
 """
 
@@ -15,8 +16,8 @@ from typing import Any
 from cluster.serve_policy import policy_section
 from partitions.artifacts import read_plan
 from partitions.plan import Plan
-from serve_app.app import AppArgs, deployment_options
-from serve_app.names import APP_IMPORT_PATH, stage_name
+from serve_app.app import AppArgs, deployment_options, proxy_timeout_s
+from serve_app.names import APP_IMPORT_PATH, ENTRANCE, stage_name
 
 
 def pipeline_policy(plan: Plan, args: AppArgs, gpu_budget: float | None = None) -> dict[str, Any]:
@@ -62,6 +63,11 @@ def app_section(
     if autoscaling_policy is not None:
         for stage in plan.stages:  # the application policy's own delays govern, not Serve's defaults
             options[stage_name(stage.index)]["autoscaling_config"].update(upscale_delay_s=0, downscale_delay_s=0)
+        # Serve shows a policy (and records custom metrics for) only deployments with an autoscaling_config:
+        # the entrance gets one that keeps its replica count, so its arrival counter reaches the policy.
+        entrance = options[ENTRANCE]
+        replicas = entrance.pop("num_replicas")
+        entrance["autoscaling_config"] = {"min_replicas": replicas, "max_replicas": replicas}
     app: dict[str, Any] = {
         "name": app_name,
         "route_prefix": route_prefix,
@@ -103,4 +109,5 @@ def serve_config(
         autoscale=autoscale,
         gpu_budget=gpu_budget,
     )
-    return {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port}, "applications": [app]}
+    http = {"host": host, "port": port, "request_timeout_s": proxy_timeout_s(app_args)}
+    return {"proxy_location": "EveryNode", "http_options": http, "applications": [app]}

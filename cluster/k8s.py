@@ -132,7 +132,8 @@ def worker_groups(
 ) -> list[WorkerGroup]:
     """GPU groups (all stages in ``gpu``, or ``gpu-g{i}`` per co-location group) and the ``cpu`` group."""
     labelled = groups is not None
-    groups = groups if labelled else [[s.index for s in plan.stages]]
+    if groups is None:
+        groups = [[s.index for s in plan.stages]]
     stages = [replicas[stage_name(s.index)] for s in plan.stages]
     bad = [stage_name(i) for i, r in enumerate(stages) if r.num_gpus <= 0]
     check(not bad, f"deployments {bad} reserve no GPU", "serve with gpus=True (do not set num_gpus_per_stage=0)")

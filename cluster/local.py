@@ -33,7 +33,7 @@ def start(
     address: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    num_gpus: float | None = None,
+    num_gpus: int | None = None,
     timeout_s: float = 120.0,
     **args: Any,
 ) -> str:
@@ -46,7 +46,7 @@ def start(
     return name
 
 
-def deploy_config(config: dict[str, Any], address: str | None = None, num_gpus: float | None = None) -> list[str]:
+def deploy_config(config: dict[str, Any], address: str | None = None, num_gpus: int | None = None) -> list[str]:
     """Deploy a Serve config (as ``serve deploy config.yaml`` does) on the Ray at ``address``, or a new local
     one with ``num_gpus`` logical GPUs; returns the application names without waiting for them."""
     if not ray.is_initialized():

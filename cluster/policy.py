@@ -6,22 +6,28 @@ InferLine (Crankshaw et al., SoCC'20) and AlpaServe (Li et al., OSDI'23):
 
 1. Service rates. Each stage's full-batch service time starts at the plan's profiled cost and follows live
    measurements through an EWMA; a replica serves ``mu_i = batch_size_i / service_s_i`` requests/s.
-2. Arrival rate at the entrance, from conservation: arrivals = growth of the entrance's ongoing requests +
-   its completions (measured, or ``running / service_s`` by Little's law), smoothed by an EWMA.
-3. Demand, for all stages at once: ``lambda / (mu_i * target_utilisation)`` plus a drain term
-   ``backlog_i / (drain_time_s * mu_i)``, where ``backlog_i`` counts the requests queued at stage i and every
-   request still upstream of it (they will all pass through stage i).
-4. Bounds: per-stage min/max, then a GPU budget: when demand does not fit, the replicas that fit maximise the
+2. Arrival rate at the entrance: measured, when the observation carries one (the entrance's arrival counter,
+   differenced between its two newest samples: see :mod:`cluster.observe`), taken once per new sample;
+   otherwise from conservation, arrivals = growth of the entrance's ongoing requests + its completions
+   (measured, or ``running / service_s`` by Little's law). Either is smoothed by an EWMA.
+3. Backlogs, brought up to now: ``backlog_i`` counts the requests queued at stage i and every request still
+   upstream of it (they will all pass through stage i). A sample taken ``age`` seconds ago is moved forward
+   by what the pipeline did since: ``+ (lambda - min_{j <= i} ready_j * mu_j) * age``, never below 0.
+4. Demand, for all stages at once: ``lambda / (mu_i * target_utilisation)`` plus a drain term
+   ``backlog_i / (drain_time_s * mu_i)``: a rise at the entrance sizes every stage before its queue grows.
+5. Bounds: no stage gets more replicas than pass on what the slowest stage carries at its maximum
+   (``ceil(min_j max_j * mu_j / mu_i)``: more would idle, however large the backlog), per-stage min/max, then
+   a GPU budget: when demand does not fit, the replicas that fit maximise the
    bottleneck throughput ``min_i r_i * mu_i`` (greedy water-filling on the bottleneck; optimal, see
    :func:`bottleneck_allocation`).
-5. Hysteresis (a downscale must cut at least ``hysteresis`` of the replicas) and upscale/downscale delays;
+6. Hysteresis (a downscale must cut at least ``hysteresis`` of the replicas) and upscale/downscale delays;
    an idle pipeline goes to the minimum.
 
 Ray adapter (:mod:`cluster.serve_policy`): Ray 2.60 calls an application-level policy with
 ``{DeploymentID: AutoscalingContext}`` and expects ``({DeploymentID: replicas}, {DeploymentID: state dict})``.
-The adapter orders the stage deployments, maps each context's ``total_queued_requests`` and
-``total_running_requests`` (and the optional custom metric ``full_batch_ms``) onto a :class:`StageObservation`,
-calls :func:`step`, and keeps the :class:`PolicyState` between ticks.
+:mod:`cluster.observe` turns the contexts (the stages', and the entrance's when it has an
+``autoscaling_config``) into a :class:`PipelineObservation`; the adapter calls :func:`step` and keeps the
+:class:`PolicyState` between ticks. The simulator (:mod:`cluster.sim`) feeds the same function the same way.
 """
 
 from __future__ import annotations
@@ -74,7 +80,10 @@ class PolicyConfig:
     hysteresis: float = 0.1
     """A downscale must remove at least this fraction of a stage's replicas."""
     rate_smoothing: float = 0.5
-    """EWMA weight of the newest arrival-rate sample."""
+    """EWMA weight of the newest arrival-rate sample estimated from the first stage's flow (each tick)."""
+    counter_smoothing: float = 1.0
+    """EWMA weight of each new measured arrival-rate sample (the entrance's counter: already a mean over
+    Serve's record interval)."""
     latency_smoothing: float = 0.3
     """EWMA weight of the newest service-time sample."""
 
@@ -85,7 +94,7 @@ class PolicyConfig:
         check(self.upscale_delay_s >= 0, f"upscale_delay_s ({self.upscale_delay_s}) must be >= 0")
         check(self.downscale_delay_s >= 0, f"downscale_delay_s ({self.downscale_delay_s}) must be >= 0")
         check(0 <= self.hysteresis < 1, f"hysteresis ({self.hysteresis}) must be in [0, 1)")
-        for name in ("rate_smoothing", "latency_smoothing"):
+        for name in ("rate_smoothing", "counter_smoothing", "latency_smoothing"):
             value = getattr(self, name)
             check(0 < value <= 1, f"{name} ({value}) must be in (0, 1]")
         if self.gpu_budget is not None:
@@ -109,12 +118,22 @@ class StageObservation:
     """Requests the stage finished since the previous tick; None: estimated as ``running / service_s``."""
     service_ms: float | None = None
     """Mean measured wall time of full batches since the previous tick; None: no full batch measured."""
+    ready_replicas: int | None = None
+    """Replicas serving now (not starting); None: ``target_replicas``."""
+    sampled_at_s: float | None = None
+    """When ``queued`` and ``running`` were recorded; None: at the observation's ``time_s``."""
 
 
 @dataclass(frozen=True)
 class PipelineObservation:
     time_s: float
     stages: tuple[StageObservation, ...]
+    arrival_rate_per_s: float | None = None
+    """Arrivals/s at the entrance, measured over an interval ending at ``rate_sampled_at_s``; None: estimate
+    them from the first stage's flow."""
+    rate_sampled_at_s: float | None = None
+    entrance_queued: float = 0.0
+    """Requests waiting at the entrance, upstream of every stage (in stage requests)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,8 @@ class PolicyState:
     arrival_rate_per_s: float = 0.0
     entrance_ongoing: float = 0.0
     time_s: float | None = None
+    rate_sampled_at_s: float | None = None
+    """Time of the last measured arrival-rate sample taken into the EWMA (each sample is taken once)."""
 
 
 def initial_state(config: PolicyConfig) -> PolicyState:
@@ -166,6 +187,24 @@ def backlogs(stages: Sequence[StageObservation]) -> list[float]:
     for s in stages:
         out.append(upstream + s.queued)
         upstream += s.queued + s.running
+    return out
+
+
+def projected_backlogs(
+    stages: Sequence[StageObservation],
+    arrival_rate_per_s: float,
+    rates_per_s: Sequence[float],
+    now_s: float,
+    entrance_queued: float = 0.0,
+) -> list[float]:
+    """:func:`backlogs` (plus the entrance's queue) brought forward from when they were sampled to ``now_s``:
+    stage i's grows by ``(lambda - min_{j <= i} ready_j * mu_j) * age`` (shrinks when that is negative), >= 0."""
+    out, capacity = [], math.inf
+    for b, s, mu in zip(backlogs(stages), stages, rates_per_s):
+        ready = s.target_replicas if s.ready_replicas is None else s.ready_replicas
+        capacity = min(capacity, ready * mu)
+        age = 0.0 if s.sampled_at_s is None else max(0.0, now_s - s.sampled_at_s)
+        out.append(max(0.0, b + entrance_queued + (arrival_rate_per_s - capacity) * age))
     return out
 
 
@@ -219,7 +258,8 @@ def apply_delay(
     direction = (desired > current) - (desired < current)
     if direction == 0:
         return current, replace(stage, pending_direction=0, pending_since_s=None)
-    since = stage.pending_since_s if stage.pending_direction == direction else now_s
+    pending = stage.pending_since_s if stage.pending_direction == direction else None
+    since = now_s if pending is None else pending
     delay_s = config.upscale_delay_s if direction > 0 else config.downscale_delay_s
     if now_s - since + _EPS >= delay_s:
         return desired, replace(stage, pending_direction=0, pending_since_s=None)
@@ -238,15 +278,31 @@ def step(
     ]
     rates = [replica_rate_per_s(ms, spec.batch_size) for ms, spec in zip(service, specs)]
     dt_s = None if state.time_s is None else observation.time_s - state.time_s
-    sample = arrival_rate_sample(obs[0], state.entrance_ongoing, dt_s, service[0])
-    idle = sample == 0 and all(o.queued + o.running == 0 for o in obs)
-    arrival = 0.0 if idle else ewma(state.arrival_rate_per_s, sample, config.rate_smoothing)
+    rate_at = state.rate_sampled_at_s
+    if observation.arrival_rate_per_s is not None:
+        sample = observation.arrival_rate_per_s
+        fresh = observation.rate_sampled_at_s is None or observation.rate_sampled_at_s != state.rate_sampled_at_s
+        first = state.rate_sampled_at_s is None
+        arrival = sample if first else ewma(state.arrival_rate_per_s, sample, config.counter_smoothing)
+        arrival = arrival if fresh else state.arrival_rate_per_s
+        rate_at = observation.rate_sampled_at_s
+    else:
+        sample = arrival_rate_sample(obs[0], state.entrance_ongoing, dt_s, service[0])
+        arrival = ewma(state.arrival_rate_per_s, sample, config.rate_smoothing)
+    idle = sample == 0 and observation.entrance_queued == 0 and all(o.queued + o.running == 0 for o in obs)
+    arrival = 0.0 if idle else arrival
 
     lower = [s.min_replicas for s in specs]
     if idle:
         desired = lower
     else:
-        wanted = [demand_replicas(arrival, b, mu, config) for b, mu in zip(backlogs(obs), rates)]
+        pending = projected_backlogs(obs, arrival, rates, observation.time_s, observation.entrance_queued)
+        wanted = [demand_replicas(arrival, b, mu, config) for b, mu in zip(pending, rates)]
+        # The pipeline's most, requests/s, at each stage's faster of profiled and measured rate: a stage whose
+        # measurements run slow (a noisy neighbour, overlapping requests) must not choke the others.
+        best = [max(mu, replica_rate_per_s(spec.service_ms, spec.batch_size)) for mu, spec in zip(rates, specs)]
+        passable = min(spec.max_replicas * mu for spec, mu in zip(specs, best))
+        wanted = [min(w, passable / mu) for w, mu in zip(wanted, rates)]
         desired = [min(s.max_replicas, max(s.min_replicas, math.ceil(w - _EPS))) for s, w in zip(specs, wanted)]
     gpus = [s.gpu_fraction for s in specs]
     if config.gpu_budget is not None:
@@ -266,5 +322,6 @@ def step(
         arrival_rate_per_s=arrival,
         entrance_ongoing=obs[0].queued + obs[0].running,
         time_s=observation.time_s,
+        rate_sampled_at_s=rate_at,
     )
     return {s.name: n for s, n in zip(specs, decided)}, new_state

@@ -11,6 +11,7 @@ replicas, and live figures of each pipeline stage.
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -103,7 +104,7 @@ def connect(address: str) -> bool:
                 "start one (partserve run, or ray start --head) or pass its address with --address",
             )
     try:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except ConnectionError as exc:
         raise StatusError(f"cannot connect to the Ray cluster at {address} ({exc})", "check --address") from exc
     return True

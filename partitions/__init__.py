@@ -3,4 +3,6 @@
 Read top to bottom: ``source`` (load a model), ``capture`` (graph), ``costs`` (profile),
 ``planner`` (pure solver), ``stages`` (cut programs), ``artifacts`` (plan.json + shards),
 ``runtime`` (load and run a stage), ``verify``. ``build_plan`` in ``partition`` joins them.
+``types`` holds the shared aliases and records (``Payload``, ``TensorSpec``); ``inputs`` draws random inputs
+for tensor specs.
 """

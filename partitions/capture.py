@@ -105,7 +105,20 @@ def _export(source: ModelSource) -> fx.GraphModule:
     batch = torch.export.Dim("batch")
     args, kwargs = source.call_args(source.example_inputs)
     dynamic = {k: {0: batch} for k in kwargs} if kwargs else tuple({0: batch} for _ in args)
-    return torch.export.export(source.module, args, kwargs, dynamic_shapes=dynamic).module()
+    gm = torch.export.export(source.module, args, kwargs, dynamic_shapes=dynamic).module()
+    # Export keeps runtime checks of ``.to()`` metadata and of symbolic sizes, and with them values nothing
+    # else reads (a model's unused logits, an unused branch of its pooling): a cut would turn those into
+    # stages that compute nothing. Inputs are checked against the plan before they reach a stage.
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and n.target not in _RUNTIME_CHECKS)
+    gm.recompile()
+    return gm
+
+
+_RUNTIME_CHECKS = (
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+)
 
 
 def _sequential_graph(module: nn.Sequential, inputs: dict[str, torch.Tensor]) -> fx.GraphModule:
@@ -157,7 +170,10 @@ def _classify(gm: fx.GraphModule, batch_symbol: str | None) -> dict[str, NodeCla
             deps = [classes[a.name] for a in n.all_input_nodes]
             if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
                 classes[n.name] = "sym"
-            elif n.op == "call_function" and all(d in ("param", "const") for d in deps):
+            elif n.op == "call_function" and all(d in ("param", "const", "sym") for d in deps):
+                # Made from weights and sizes alone (``arange(batch)``, ``cls_token.expand(batch, ...)``):
+                # recomputed in each stage that reads it, which has a batched input to take the batch size
+                # from; a stage of such values alone would have none.
                 classes[n.name] = "const"
             elif _tensor_spec(n.name, n, batch_symbol) is not None:
                 classes[n.name] = "tensor"
@@ -180,7 +196,9 @@ def _module_path(n: fx.Node) -> str:
 
 def _op_name(n: fx.Node) -> str:
     if n.op == "call_module":
-        return type(n.graph.owning_module.get_submodule(n.target)).__name__
+        owner = n.graph.owning_module
+        assert owner is not None, "a call_module node belongs to a GraphModule's graph"
+        return type(owner.get_submodule(str(n.target))).__name__
     name = getattr(n.target, "__name__", str(n.target))
     return str(n.target).removesuffix(".default") if "aten" in str(n.target) else name
 

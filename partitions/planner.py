@@ -33,15 +33,17 @@ import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import inf
-from typing import Literal
+from typing import Literal, TypeVar, get_args
 
 from partitions.errors import PlanError
 
 Objective = Literal["throughput", "latency"]
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 REL_EPS = 1e-9
 """Relative slack when comparing float costs against the optimum of the first pass (rounding in sums)."""
 
 Edge = tuple[int, Sequence[int] | int, int]
+Num = TypeVar("Num", int, float)
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,8 @@ class _Tables:
         return sum(size for p, last, size in self.edges if (lo <= p < e or (s == a and p < a)) and last >= b)
 
 
-def _prefix(xs: Sequence[float]) -> list:
-    out = [0] * (len(xs) + 1)
+def _prefix(xs: Sequence[Num]) -> list[Num]:
+    out: list[Num] = [0] * (len(xs) + 1)
     for i, x in enumerate(xs):
         out[i + 1] = out[i] + x
     return out
@@ -167,11 +169,11 @@ def _free_splits(n: int, edges: list[tuple[int, tuple[int, ...], int]]) -> dict[
     ``[a, b)`` when ``reach(m, a) >= b``. Only ``m`` with ``reach(m, a) > m`` can ever split.
     """
     consumers: list[list[int]] = [[] for _ in range(n)]
-    for p, cs, _ in edges:
+    for p, readers, _ in edges:
         if p >= 0:
-            consumers[p].extend(cs)
-    for cs in consumers:
-        cs.sort()
+            consumers[p].extend(readers)
+    for readers_of_p in consumers:
+        readers_of_p.sort()
     candidates: list[list[tuple[int, int]]] = [[] for _ in range(n)]
     for m in range(1, n):
         reach = n + 1
@@ -268,7 +270,8 @@ def _program(
         parallel.setdefault(b, []).append((a, points))
     for s in range(1, stages + 1):
         for b in range(s, n - (stages - s) + 1):
-            best, pick = inf, None
+            best = inf
+            pick: tuple[int, tuple[int, ...]] | None = None
             peak, xfer = 0, t.transfer_ms(b)
             for a in range(b - 1, s - 2, -1):  # one sequential stage [a, b)
                 peak = max(peak, t.during[a])
@@ -303,7 +306,13 @@ def _assemble(t: _Tables, stages: int, choice: Choice) -> Partition:
         segments.append((a, b, points))
         s, b = s - len(points) - 1, a
     assert s == 0, "the program must use exactly the requested stages"
-    spans, after, carries, ends, cost, memory, sends = [], [], [], [], [], [], []
+    spans: list[tuple[int, int]] = []
+    after: list[tuple[int, ...]] = []
+    carries: list[bool] = []
+    ends: list[int] = []
+    cost: list[float] = []
+    memory: list[int] = []
+    sends: list[int] = []
     previous: tuple[int, ...] = ()
     latency = 0.0
     for a, b, points in reversed(segments):

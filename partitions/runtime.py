@@ -16,8 +16,8 @@ from torch import nn
 
 from partitions.artifacts import decode_stage, read_plan, read_shard
 from partitions.plan import Plan
+from partitions.types import Payload
 
-Payload = dict[str, np.ndarray]
 T = TypeVar("T")
 
 

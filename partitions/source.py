@@ -14,13 +14,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from partitions.errors import ModelError
+from partitions.errors import ModelError, PartserveError
 from partitions.zoo import SEED, ZOO
 
 DEFAULT_BATCH = 8
@@ -41,7 +42,7 @@ class ModelSource:
 
     def call_args(self, inputs: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
         """``(args, kwargs)`` for ``forward``."""
-        return ((), dict(inputs)) if self.by_keyword else (tuple(inputs.values()), {})
+        return forward_args(inputs, self.by_keyword)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> object:
         args, kwargs = self.call_args(inputs)
@@ -62,6 +63,25 @@ class ModelSource:
         return [t for t in pytree.tree_leaves(self.forward(inputs)) if isinstance(t, torch.Tensor)]
 
 
+def takes_keywords(module: nn.Module, names: Iterable[str]) -> bool:
+    """Whether ``module.forward`` has a parameter for every one of ``names``: then inputs go by keyword, else
+    positionally in their order."""
+    params = inspect.signature(module.forward).parameters
+    return all(k in params for k in names)
+
+
+def forward_args(inputs: Mapping[str, torch.Tensor], by_keyword: bool) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` that pass ``inputs`` to ``forward`` by keyword, or positionally in their order."""
+    return ((), dict(inputs)) if by_keyword else (tuple(inputs.values()), {})
+
+
+def call_forward(module: nn.Module, inputs: Mapping[str, torch.Tensor]) -> object:
+    """``module(**inputs)`` when ``forward`` takes them by keyword (:func:`takes_keywords`), else
+    ``module(*inputs.values())``."""
+    args, kwargs = forward_args(inputs, takes_keywords(module, inputs))
+    return module(*args, **kwargs)
+
+
 def load_model(spec: str, options: dict[str, Any] | None = None, batch_size: int = DEFAULT_BATCH) -> ModelSource:
     """Build the model named by ``spec`` with ``options`` and example inputs of ``batch_size`` samples."""
     options = dict(options or {})
@@ -77,7 +97,14 @@ def load_model(spec: str, options: dict[str, Any] | None = None, batch_size: int
         module, example = _hugging_face(spec, options, batch_size)
         kind = "hf"
     elif ":" in spec:
-        module, example = _call_factory(spec, _import_factory(spec), options, batch_size)
+        factory = import_callable(
+            spec,
+            ModelError,
+            "check the module path and PYTHONPATH",
+            "{module} has no callable {attr!r}",
+            "name a function returning (module, inputs)",
+        )
+        module, example = _call_factory(spec, factory, options, batch_size)
         kind = "factory"
     else:
         raise ModelError(
@@ -88,24 +115,29 @@ def load_model(spec: str, options: dict[str, Any] | None = None, batch_size: int
     named = _name_inputs(module, example)
     named = {k: _resize_batch(v, batch_size) for k, v in named.items()}
     ranges = {k: (int(v.min()), int(v.max()) + 1) for k, v in named.items() if not v.is_floating_point()}
-    params = inspect.signature(module.forward).parameters
-    by_keyword = all(k in params for k in named)
-    return ModelSource(spec, options, module, named, kind, ranges, by_keyword)
+    return ModelSource(spec, options, module, named, kind, ranges, takes_keywords(module, named))
 
 
-def _import_factory(spec: str):
+def import_callable(
+    spec: str, error: type[PartserveError], import_fix: str, not_callable: str, not_callable_fix: str
+) -> Callable[..., Any]:
+    """The callable named by ``package.module:attr``. Failures raise ``error``: ``cannot import ...`` with
+    ``import_fix``, or ``not_callable`` (formatted with ``spec``, ``module`` and ``attr``) with ``not_callable_fix``."""
     module_name, _, attr = spec.partition(":")
     try:
         mod = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelError(f"cannot import {module_name!r} ({exc})", "check the module path and PYTHONPATH") from exc
-    factory = getattr(mod, attr, None)
-    if not callable(factory):
-        raise ModelError(f"{module_name} has no callable {attr!r}", "name a function returning (module, inputs)")
-    return factory
+        raise error(f"cannot import {module_name!r} ({exc})", import_fix) from exc
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise error(not_callable.format(spec=spec, module=module_name, attr=attr), not_callable_fix)
+    return fn
 
 
-def _call_factory(spec: str, factory, options: dict[str, Any], batch_size: int):
+def _call_factory(
+    spec: str, factory: Callable[..., Any], options: dict[str, Any], batch_size: int
+) -> tuple[nn.Module, Any]:
+    """``factory(**options)`` (and ``batch_size`` when it takes one): ``(module, example inputs)``."""
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     unknown = sorted(k for k in options if k not in params and not takes_any)

@@ -68,7 +68,8 @@ def stage_program(cg: CapturedGraph, start: int, end: int, carry_until: int | No
     def _recompute(arg: fx.Node) -> fx.Node:
         # sym_size of a tensor this stage does not have: read the batch size off a tensor it does have.
         src = arg.args[0] if arg.args else None
-        if arg.target is torch.ops.aten.sym_size.int and src.name not in env and arg.args[1] == 0:
+        is_batch_size = arg.target is torch.ops.aten.sym_size.int and arg.args[1] == 0
+        if is_batch_size and isinstance(src, fx.Node) and src.name not in env:
             if not batch_source:
                 raise AssertionError(f"stage {start}:{end} has no batched input to read the batch size from")
             return graph.call_function(torch.ops.aten.sym_size.int, (batch_source[0], 0))
@@ -119,8 +120,10 @@ class _Root(nn.Module):
                 owner.add_module(leaf, obj)
             elif isinstance(obj, nn.Parameter):
                 owner.register_parameter(leaf, obj)
-            else:
+            elif obj is None or isinstance(obj, torch.Tensor):
                 owner.register_buffer(leaf, obj)
+            else:
+                raise TypeError(f"{qualname} is a {type(obj).__name__}: not a module, parameter or buffer")
 
 
 def _safe(name: str) -> str:

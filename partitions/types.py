@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 Ms = float
 """Milliseconds."""
 Bytes = int
@@ -11,6 +13,10 @@ Bytes = int
 
 BATCH = -1
 """Marks the dynamic batch dimension in a shape."""
+
+Payload = dict[str, np.ndarray]
+"""Arrays keyed by value name, every one with the batch as dimension 0: a stage's inputs and outputs, a request,
+a response."""
 
 
 @dataclass(frozen=True)
@@ -23,8 +29,6 @@ class TensorSpec:
 
     def sample_bytes(self) -> Bytes:
         """Bytes of one sample (the batch dimension counted as 1)."""
-        import numpy as np
-
         n = 1
         for d in self.shape:
             n *= 1 if d == BATCH else d

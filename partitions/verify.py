@@ -10,7 +10,7 @@ import torch
 
 from partitions.artifacts import read_plan
 from partitions.errors import PartserveError
-from partitions.plan import Plan
+from partitions.inputs import random_inputs
 from partitions.runtime import load_pipeline, run_pipeline
 from partitions.source import load_model
 
@@ -57,20 +57,6 @@ class Report:
         }
 
 
-def random_inputs(plan: Plan, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Random inputs matching the plan's input specs (integers within the recorded ranges)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for spec in plan.inputs:
-        shape = tuple(batch if d == -1 else d for d in spec.shape)
-        if spec.name in plan.input_ranges:
-            low, high = plan.input_ranges[spec.name]
-            out[spec.name] = rng.integers(low, high, size=shape).astype(spec.dtype)
-        else:
-            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return out
-
-
 def verify(
     uri: str,
     user_inputs: Mapping[str, np.ndarray] | None = None,
@@ -85,7 +71,7 @@ def verify(
         "example": {k: v.cpu().numpy() for k, v in source.example_inputs.items()},
     }
     for i, batch in enumerate(RANDOM_BATCHES):
-        cases[f"random-{i}"] = random_inputs(plan, batch, seed=i)
+        cases[f"random-{i}"] = random_inputs(plan.inputs, batch, i, plan.input_ranges)
     if user_inputs is not None:
         missing = [t.name for t in plan.inputs if t.name not in user_inputs]
         if missing:

@@ -107,7 +107,7 @@ def _randomize_batchnorm(module: nn.Module) -> nn.Module:
     """Give BatchNorm layers non-trivial running statistics so eval mode is not an identity."""
     gen = torch.Generator().manual_seed(SEED + 1)
     for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None:
             m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
     return module

@@ -7,6 +7,7 @@ The public API, in data-path order (names resolve on first use, so ``import part
     plan = partserve.plan(source, "plans/t12", stages=4)                   # plan.json + one shard per stage
     report = partserve.verify("plans/t12")                                  # stages in sequence vs the model
     config = partserve.serve_config("plans/t12", autoscale=True)            # for `serve deploy`
+    ds = partserve.batch("plans/t12", "data/*.parquet")                     # a Ray Dataset of outputs
 
 The command line is ``partserve`` (or ``python -m partserve``); the packages below it form a strict stack:
 ``partitions`` <- ``serve_app`` <- ``cluster`` <- ``partserve``.
@@ -18,6 +19,8 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import ray.data
+
     from partitions.plan import Plan
     from partitions.source import ModelSource
     from partitions.verify import Report
@@ -27,7 +30,7 @@ try:
 except metadata.PackageNotFoundError:  # run from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "load_model", "plan", "serve_config", "verify"]
+__all__ = ["__version__", "batch", "load_model", "plan", "serve_config", "verify"]
 
 
 def load_model(spec: str, options: dict[str, Any] | None = None, batch_size: int = 8) -> ModelSource:
@@ -62,3 +65,16 @@ def serve_config(plan_dir: str, **options: Any) -> dict[str, Any]:
     from cluster.deploy import serve_config as build
 
     return build(plan_dir, **options)
+
+
+def batch(plan_dir: str, input: str, **options: Any) -> ray.data.Dataset:
+    """The plan's stages over the Parquet rows at ``input`` (a file, a directory or a glob) as a lazy Ray
+    Dataset: per row the key columns, the model outputs, ``_input``, ``_row`` and ``_reason`` (null, or why
+    the row was rejected). Needs ``pip install 'partserve[batch]'``; ``partserve batch`` runs the same
+    pipeline and writes one file per input file.
+
+    ``options`` (see :func:`cluster.batch.prepare`): ``mapping`` (column -> model input), ``keys``,
+    ``batch_size``, ``gpus``, ``cpus``, ``output_uri`` (skip inputs whose output there is complete)."""
+    from cluster.batch import batch_dataset
+
+    return batch_dataset(plan_dir, input, **options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,8 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from serve_app.tensors import Payload
+from partitions.types import Payload
+from serve_app.retry import Unavailable
 
 R = TypeVar("R", bound=Payload)
 
@@ -54,20 +56,21 @@ async def run_together(
     alone_on: Callable[[Exception], bool] = lambda exc: True,
 ) -> list[R | Exception]:
     """``run(merged, requests)`` once for all ``payloads`` and split the result back. If that fails (and
-    ``alone_on(exc)``), run each payload alone so only the failing ones fail."""
+    ``alone_on(exc)``), bisect: each half is run together the same way, one after the other, so the failing
+    requests get their own errors and the others their answers. One failing request among ``n`` costs at
+    most ``2 * ceil(log2(n))`` runs beyond the first (each failing half is split again; a half that answers
+    is done); the old way, each request alone, cost ``n``."""
     merged, sizes = concat(payloads)
     try:
-        return split(await run(merged, len(payloads)), sizes)
+        together: list[R | Exception] = list(split(await run(merged, len(payloads)), sizes))
+        return together
     except Exception as exc:
         if len(payloads) == 1 or not alone_on(exc):
             return [exc] * len(payloads)
-    results: list[R | Exception] = []
-    for payload in payloads:
-        try:
-            results.append(await run(payload, 1))
-        except Exception as exc:
-            results.append(exc)
-    return results
+    half = len(payloads) // 2
+    # One half after the other: halves sent at once could be merged again by a stage replica.
+    first = await run_together(payloads[:half], run, alone_on)
+    return first + await run_together(payloads[half:], run, alone_on)
 
 
 def should_send(queued_samples: int, max_batch_size: int, in_flight: int, waited_s: float, wait_s: float) -> bool:
@@ -78,59 +81,96 @@ def should_send(queued_samples: int, max_batch_size: int, in_flight: int, waited
     return queued_samples >= max_batch_size or in_flight == 0 or waited_s >= wait_s
 
 
+Run = Callable[[list[Payload], float | None], Awaitable[list[R | Exception]]]
+"""A pipeline run for :class:`PipelineBatcher`: ``run(payloads, deadline_s)``."""
+Taken = tuple[Payload, asyncio.Future[R], float | None]
+"""A request taken into a batch: its payload, its caller's future and its deadline."""
+
+
 class PipelineBatcher(Generic[R]):
     """Forms batches of requests for a pipeline and keeps at most ``max_in_flight`` of them in it.
 
-    ``await batcher(payload)`` resolves to that request's result. ``run(payloads)`` runs one batch and returns
-    one result (or exception) per payload, in order. A batch takes whole requests in arrival order up to
-    ``max_batch_size`` samples (a larger request goes alone); when to send is :func:`should_send`. A slot is
-    taken before the batch is formed, so while the pipeline is full, requests wait here and the next batch
-    takes all of them.
+    ``await batcher(payload, deadline_s)`` resolves to that request's result. ``run(payloads, deadline_s)``
+    runs one batch and returns one result (or exception) per payload, in order; ``deadline_s`` is the latest
+    of its requests' deadlines (``time.time()`` seconds; None when one of them has none). A batch takes whole
+    requests in arrival order up to ``max_batch_size`` samples (a larger request goes alone); when to send is
+    :func:`should_send`. A slot is taken before the batch is formed, so while the pipeline is full,
+    requests wait here and the next batch takes all of them.
+
+    Every request is resolved whatever happens: a request whose deadline passes raises ``TimeoutError`` and
+    leaves its batch; a batch all of whose requests have left is cancelled, which frees its slot; a batch
+    or the sender cancelled (the replica stopping) fails its waiting requests with
+    :class:`~serve_app.retry.Unavailable`.
     """
 
     def __init__(
         self,
-        run: Callable[[list[Payload]], Awaitable[list[R | Exception]]],
+        run: Run[R],
         max_batch_size: int,
         wait_s: float,
         max_in_flight: int,
+        retry_after_s: float = 1.0,
     ) -> None:
         """``max_batch_size``: samples per batch; ``wait_s``: seconds a request waits for others to fill its
-        batch (under load); ``max_in_flight``: batches in the pipeline at once."""
+        batch (under load); ``max_in_flight``: batches in the pipeline at once; ``retry_after_s``: what the
+        :class:`~serve_app.retry.Unavailable` of a cancelled batch tells callers to wait."""
         self.run = run
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
         self.in_flight = 0
-        self.queue: deque[tuple[Payload, asyncio.Future[R], float]] = deque()
+        self.queue: deque[tuple[Payload, asyncio.Future[R], float, float | None]] = deque()
+        """``(payload, future, arrival on the monotonic clock, deadline_s)`` per waiting request."""
         self.queued_samples = 0
         """Samples in ``queue`` (a request cancelled behind the first still counts until it is taken)."""
         self.changed = asyncio.Event()
         self.sender: asyncio.Task[None] | None = None
         self.batches: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, payload: Payload) -> R:
+    async def __call__(self, payload: Payload, deadline_s: float | None = None) -> R:
+        """The request's result; ``TimeoutError`` once ``deadline_s`` (``time.time()`` seconds) has passed."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self.queue.append((payload, future, time.monotonic()))
+        self.queue.append((payload, future, time.monotonic(), deadline_s))
         self.queued_samples += samples(payload)
         self.changed.set()
         if self.sender is None or self.sender.done():
             self.sender = asyncio.create_task(self._send_forever())
-        return await future
+        if deadline_s is None:
+            return await future
+        # On time-out wait_for cancels the future: the request leaves the queue, or its batch.
+        return await asyncio.wait_for(future, max(deadline_s - time.time(), 0.0))
 
     async def _send_forever(self) -> None:
-        while True:
-            while not self._drop_cancelled() or self.in_flight >= self.max_in_flight:
-                await self._changed(None)
-            waited_s = time.monotonic() - self.queue[0][2]
-            if not should_send(self.queued_samples, self.max_batch_size, self.in_flight, waited_s, self.wait_s):
-                await self._changed(self.wait_s - waited_s)
-                continue
-            batch = self._take()
-            self.in_flight += 1
-            task = asyncio.create_task(self._send(batch))
-            self.batches.add(task)
-            task.add_done_callback(self.batches.discard)
+        try:
+            while True:
+                while not self._drop_cancelled() or self.in_flight >= self.max_in_flight:
+                    await self._changed(None)
+                waited_s = time.monotonic() - self.queue[0][2]
+                if not should_send(self.queued_samples, self.max_batch_size, self.in_flight, waited_s, self.wait_s):
+                    await self._changed(self.wait_s - waited_s)
+                    continue
+                batch = self._take()
+                self.in_flight += 1
+                task = asyncio.create_task(self._send(batch))
+                self.batches.add(task)
+                task.add_done_callback(self.batches.discard)
+                for _, future, _ in batch:
+                    future.add_done_callback(functools.partial(self._left, task, batch))
+        except BaseException:
+            self._resolve([(p, f, d) for p, f, _, d in self.queue], self._stopped())
+            self.queue.clear()
+            self.queued_samples = 0
+            raise
+
+    def _stopped(self) -> Exception:
+        return Unavailable("the entrance stopped before answering, try again", self.retry_after_s)
+
+    @staticmethod
+    def _left(task: asyncio.Task[None], batch: list[Taken[R]], _: object) -> None:
+        """A request of ``batch`` was resolved or left it: cancel the batch once all of them have left."""
+        if not task.done() and all(future.done() for _, future, _ in batch):
+            task.cancel()
 
     async def _changed(self, timeout_s: float | None) -> None:
         """Wait for an arrival or a finished batch (at most ``timeout_s`` seconds)."""
@@ -144,33 +184,47 @@ class PipelineBatcher(Generic[R]):
             self.queued_samples -= samples(self.queue.popleft()[0])
         return bool(self.queue)
 
-    def _take(self) -> list[tuple[Payload, asyncio.Future[R]]]:
+    def _take(self) -> list[Taken[R]]:
         """The oldest requests up to ``max_batch_size`` samples (at least one)."""
-        batch: list[tuple[Payload, asyncio.Future[R]]] = []
+        batch: list[Taken[R]] = []
         size = 0
         while self.queue:
-            payload, future, _ = self.queue[0]
+            payload, future, _, deadline_s = self.queue[0]
             n = samples(payload)
             if batch and size + n > self.max_batch_size:
                 break
             self.queue.popleft()
             self.queued_samples -= n
             if not future.done():
-                batch.append((payload, future))
+                batch.append((payload, future, deadline_s))
                 size += n
         return batch
 
-    async def _send(self, batch: list[tuple[Payload, asyncio.Future[R]]]) -> None:
+    async def _send(self, batch: list[Taken[R]]) -> None:
+        deadlines = [d for _, _, d in batch]
+        deadline_s = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:
-            results: list[R | Exception] = await self.run([p for p, _ in batch])
+            results = await self.run([p for p, _, _ in batch], deadline_s)
+            if len(results) != len(batch):
+                raise RuntimeError(f"the pipeline answered {len(results)} results for {len(batch)} requests")
         except Exception as exc:
-            results = [exc] * len(batch)
+            self._resolve(batch, exc)
+        except BaseException:  # cancelled (every caller left, or the replica is stopping), or exiting
+            self._resolve(batch, self._stopped())
+            raise
+        else:
+            self._resolve(batch, results)
         finally:
             self.in_flight -= 1
             self.changed.set()
-        for (_, future), result in zip(batch, results):
+
+    @staticmethod
+    def _resolve(batch: list[Taken[R]], results: list[R | Exception] | Exception) -> None:
+        """Give each request of ``batch`` still waiting its result (one per request) or the one error."""
+        for i, (_, future, _) in enumerate(batch):
             if future.done():
                 continue
+            result = results if isinstance(results, Exception) else results[i]
             if isinstance(result, Exception):
                 future.set_exception(result)
             else:

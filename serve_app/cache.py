@@ -14,8 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from partitions.plan import Plan
-
-Outputs = dict[str, np.ndarray]
+from partitions.types import Payload
 
 
 def plan_version(plan: Plan) -> str:
@@ -29,7 +28,7 @@ def input_key(version: str, inputs: Mapping[str, np.ndarray]) -> str:
     for name in sorted(inputs):
         a = np.ascontiguousarray(inputs[name])
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(a.data.cast("B"))
     return h.hexdigest()
 
 
@@ -40,12 +39,12 @@ class ResultCache:
         if max_bytes < 0:
             raise ValueError(f"max_bytes ({max_bytes}) must be >= 0")
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, Outputs] = OrderedDict()
+        self.entries: OrderedDict[str, Payload] = OrderedDict()
         self.size_bytes = 0
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> Outputs | None:
+    def get(self, key: str) -> Payload | None:
         outputs = self.entries.get(key)
         if outputs is None:
             self.misses += 1
@@ -54,7 +53,7 @@ class ResultCache:
         self.hits += 1
         return outputs
 
-    def put(self, key: str, outputs: Outputs) -> None:
+    def put(self, key: str, outputs: Payload) -> None:
         size = sum(a.nbytes for a in outputs.values())
         if size > self.max_bytes or key in self.entries:
             return

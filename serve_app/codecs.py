@@ -13,23 +13,33 @@ tensor size against ``max_tensor_bytes``, before allocating; compressed Arrow st
 the body does not bound) are refused. Nothing a client sends is unpickled: ``.npy`` is read with
 ``allow_pickle=False`` and object dtypes are refused, Arrow columns must be numbers or fixed-shape tensors
 of numbers, and JSON is plain ``json``. Any malformed body is a :class:`BadRequest` (4xx), never a crash.
+
+:func:`decode_async` and :func:`encode_async` do the same work off the caller's event loop for bodies and
+outputs of :data:`OFFLOAD_BYTES` or more, so that parsing a large body does not hold up other requests and
+health probes: in a thread, except text JSON bodies of :data:`JSON_PROCESS_BYTES` or more, parsed in a worker
+process because ``json.loads`` holds the GIL throughout. (Encoding large outputs as JSON text holds the GIL
+too; ask for binary outputs, ``.npy`` or Arrow, for large ones.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
+import multiprocessing
 import tokenize
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from partitions.types import TensorSpec
-from serve_app.tensors import BadRequest, Payload, describe, numpy_dtype, oip_datatype
+from partitions.types import Payload, TensorSpec
+from serve_app.tensors import BadRequest, describe, numpy_dtype, oip_datatype
 
 JSON = "application/json"
 NPY = "application/x-npy"
@@ -40,6 +50,18 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_EXPANSION = 4
 """A body of n bytes carries tensors of at most ``4 n`` bytes (JSON ``0,``: 2 bytes of text, 8 of FP64);
 a tensor declaring more cannot be a valid request, whatever its body."""
+OFFLOAD_BYTES = 256 * 2**10
+"""Bodies (and outputs) of this many bytes or more are decoded (encoded) in a thread: below it, the hand-off
+to a thread costs more than the work."""
+JSON_PROCESS_BYTES = 4 * 2**20
+"""Text JSON bodies of this many bytes or more are parsed in a worker process (:func:`json_workers`):
+``json.loads`` holds the GIL for the whole parse (seconds for tens of MB), so in a thread it would still
+stall the event loop. The binary formats decode in a thread: their large copies run without the GIL."""
+JSON_WORKERS = 1
+"""Worker processes for large JSON bodies, per process that decodes (an entrance replica): one parse at a
+time, on one core, whatever the number of such bodies in flight."""
+TIMEOUT_PARAMETER = "timeout_ms"
+"""OIP request ``parameters`` key: the client's deadline for the request, in milliseconds."""
 MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
 """What parsing a malformed body raises, deep inside json, numpy or pyarrow: the client's fault."""
 
@@ -55,6 +77,8 @@ class InferRequest:
     """OIP: the outputs asked for (None: all)."""
     binary: set[str] = field(default_factory=set)
     """OIP: outputs to send as raw bytes after the JSON header (``"*"``: all of them)."""
+    timeout_ms: int | None = None
+    """OIP: the request's ``parameters.timeout_ms``, the client's deadline (None: not given)."""
 
 
 @dataclass
@@ -100,6 +124,53 @@ def decode(
     raise BadRequest(
         f"unsupported Content-Type {kind!r}: send {JSON}, {NPY} or {ARROW}; expected {describe(specs)}", 415
     )
+
+
+_json_workers: ProcessPoolExecutor | None = None
+
+
+def json_workers() -> ProcessPoolExecutor:
+    """The processes that parse large JSON bodies (:data:`JSON_WORKERS`), started on first use with ``spawn``
+    (a fresh interpreter: nothing of the caller's threads or state); :func:`stop_json_workers` stops them."""
+    global _json_workers
+    if _json_workers is None:
+        _json_workers = ProcessPoolExecutor(JSON_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+    return _json_workers
+
+
+def stop_json_workers() -> None:
+    """Stop the processes of :func:`json_workers` (a later large JSON body starts new ones)."""
+    global _json_workers
+    workers, _json_workers = _json_workers, None
+    if workers is not None:
+        workers.shutdown(wait=True, cancel_futures=True)
+
+
+async def decode_async(
+    body: bytes,
+    content_type: str | None,
+    header_length: str | None,
+    specs: Sequence[TensorSpec],
+    max_tensor_bytes: int | None = None,
+) -> InferRequest:
+    """:func:`decode`, off the caller's event loop for a body of :data:`OFFLOAD_BYTES` or more: in a thread,
+    or, for a text JSON body of :data:`JSON_PROCESS_BYTES` or more, in a worker process."""
+    args = (body, content_type, header_length, list(specs), max_tensor_bytes)
+    if len(body) < OFFLOAD_BYTES:
+        return decode(*args)
+    if header_length is None and media_type(content_type) == JSON and len(body) >= JSON_PROCESS_BYTES:
+        try:
+            return await asyncio.wrap_future(json_workers().submit(decode, *args))
+        except BrokenProcessPool:  # a worker died (out of memory?): new ones next time, a thread now
+            stop_json_workers()
+    return await asyncio.to_thread(decode, *args)
+
+
+async def encode_async(req: InferRequest, outputs: Mapping[str, np.ndarray], model_name: str) -> Encoded:
+    """:func:`encode`, in a thread for outputs of :data:`OFFLOAD_BYTES` or more."""
+    if sum(a.nbytes for a in outputs.values()) < OFFLOAD_BYTES:
+        return encode(req, outputs, model_name)
+    return await asyncio.to_thread(encode, req, outputs, model_name)
 
 
 def check_declared(name: str, shape: Sequence[int], dtype: np.dtype, max_tensor_bytes: int | None) -> None:
@@ -164,7 +235,13 @@ def decode_oip(
     elif binary_default:
         binary = {"*"}
     request_id = doc.get("id")
-    return InferRequest(arrays, "json", str(request_id) if request_id is not None else None, outputs, binary)
+    timeout_ms = params.get(TIMEOUT_PARAMETER) if isinstance(params, dict) else None
+    if timeout_ms is not None and not (type(timeout_ms) is int and timeout_ms > 0):
+        raise BadRequest(
+            f"parameters.{TIMEOUT_PARAMETER} must be a positive integer (milliseconds), got {str(timeout_ms)[:50]}"
+        )
+    request_id = str(request_id) if request_id is not None else None
+    return InferRequest(arrays, "json", request_id, outputs, binary, timeout_ms)
 
 
 def _parameters(item: dict[str, Any]) -> dict[str, Any]:
@@ -254,9 +331,9 @@ def decode_npy(body: bytes, specs: Sequence[TensorSpec], max_tensor_bytes: int |
     try:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
         elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
         else:
             raise BadRequest(f".npy format version {version} is not supported (1.0 and 2.0 are); {expected}")
     except (ValueError, TypeError, SyntaxError, tokenize.TokenError) as exc:  # numpy tokenizes the header
@@ -272,7 +349,9 @@ def decode_npy(body: bytes, specs: Sequence[TensorSpec], max_tensor_bytes: int |
             f".npy header says shape {list(shape)} {dtype.name} ({need} bytes) but {have} bytes "
             f"follow it (truncated?); {expected}"
         )
-    return {specs[0].name: np.load(io.BytesIO(body), allow_pickle=False)}
+    # A view of the body, not a copy (np.load would copy): a large request holds its bytes once.
+    flat = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=fp.tell())
+    return {specs[0].name: flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)}
 
 
 def encode_npy(outputs: Mapping[str, np.ndarray]) -> Encoded:
@@ -280,7 +359,8 @@ def encode_npy(outputs: Mapping[str, np.ndarray]) -> Encoded:
     if len(outputs) == 1:
         np.save(buf, next(iter(outputs.values())), allow_pickle=False)
         return Encoded(buf.getvalue(), NPY)
-    np.savez(buf, **outputs)
+    # mypy: a key could be savez's own ``allow_pickle`` keyword; an output with that name is not supported.
+    np.savez(buf, **outputs)  # type: ignore[arg-type]
     return Encoded(buf.getvalue(), NPZ)
 
 

@@ -8,27 +8,47 @@ HTTP (the app's route prefix, usually ``/``):
 * ``POST /v2/models/{name}/infer``: OIP JSON (and its binary extension), ``.npy`` or Arrow IPC; see
   :mod:`serve_app.codecs`. The answer uses the request's format.
 
+Deadlines: every request has one, ``EntranceConfig.request_timeout_s`` (60 s by default) from its arrival. A
+client may shorten it with the header ``X-Request-Timeout-Ms: <ms>`` or, in OIP JSON, the request parameter
+``"parameters": {"timeout_ms": <ms>}`` (the smaller counts; a value above the server's is ignored). The
+deadline travels with every stage call; a stage refuses a call whose deadline has passed and abandons a
+batch still running at it. When it passes, the request leaves its batch (a batch all of whose requests left
+is cancelled, with its stage calls, and frees its pipeline slot) and the caller gets **503 with
+``Retry-After``** (the server's deadline: try again) or **504** (a deadline the client set).
+
 Errors answer ``{"error": "..."}`` naming the expected shape and dtype: 400 bad input, 401 missing or wrong
 bearer token (when a token is set, see :mod:`serve_app.auth`), 404 unknown model, 413 body over
 ``max_body_bytes`` or a tensor declaring more than ``JSON_EXPANSION`` times that, 415 unknown Content-Type,
-503 with ``Retry-After`` when the service cannot answer now (a full queue, or stage replicas that kept
-dying under the request: see :mod:`serve_app.retry`; the same request may be sent again), 500 only for
-failures inside the model. Serve's proxy itself answers 503 with ``Retry-After`` when the entrance's queue
-is full (``AppArgs.entrance_max_queued_requests``).
+503 with ``Retry-After`` when the service cannot answer now (a full queue; stage replicas that kept dying
+under the request, see :mod:`serve_app.retry`; the server's deadline passed; or the bytes held by requests
+in flight would pass ``max_inflight_bytes``: the same request may be sent again), 504 when the client's own
+deadline passed. Serve's proxy itself answers 503 with ``Retry-After`` when the entrance's queue is full
+(``AppArgs.entrance_max_queued_requests``). Any other failure (inside the model, or a bug) is **500**
+``{"error": "internal error", "id": "<32 hex digits>"}``: the entrance logs the exception with the same
+id, and the answer carries no internal text.
+
+Memory: a request holds its body (counted twice while it is read and decoded) and then its tensors against
+``max_inflight_bytes`` (default 4 x ``max_body_bytes``); a request that would pass it is refused with 503
+before its body is read, and the answer closes the connection (Serve's proxy would otherwise receive the
+whole upload). Bodies and answers of :data:`~serve_app.codecs.OFFLOAD_BYTES` or more are decoded and encoded
+off the event loop (:func:`~serve_app.codecs.decode_async`), so health probes and other requests are not
+held up.
 
 Non-finite values (NaN, ±inf) in float inputs are data, passed to the model as they are (JSON reads and
 writes them as ``NaN``, ``Infinity``, ``-Infinity``, as Python's ``json`` does).
 
-Python: ``serve.get_app_handle(app_name).infer.remote(x)`` with ``x`` an array (single-input models) or a
-dict of arrays by input name; it resolves to a dict of numpy outputs by output name, whatever their number,
-or raises :class:`~serve_app.tensors.BadRequest` (fix the input) or, retryable,
-:class:`~serve_app.retry.Unavailable` (``retry_after_s``) or Serve's ``BackPressureError`` (the entrance's
-queue at this handle is full).
+Python: ``serve.get_app_handle(app_name).infer.remote(x, timeout_s=None)`` with ``x`` an array (single-input
+models) or a dict of arrays by input name; it resolves to a dict of numpy outputs by output name, whatever
+their number, or raises :class:`~serve_app.tensors.BadRequest` (fix the input) or, retryable,
+:class:`~serve_app.retry.Unavailable` (``retry_after_s``; its subclass
+:class:`~serve_app.retry.DeadlineExceeded` when the deadline passed, ``from_client`` when ``timeout_s`` set
+it) or Serve's ``BackPressureError`` (the entrance's queue at this handle is full).
 (``handle.remote(x)`` itself is the HTTP entry point: Serve gives ``__call__`` to the FastAPI app.)
 
 The stages are chained without awaiting intermediates (``h1.remote(h0.remote(x))``; a stage reading from
 several stages, in a DAG plan, gets all their responses): intermediate payloads go from stage to stage
-through Ray's object store, and many requests are in flight at once.
+through Ray's object store, and many requests are in flight at once. A batch that fails is bisected
+(:func:`~serve_app.batching.run_together`): the failing requests get their error, the others their answer.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see ``Request`` itself in the route signatures.
@@ -36,7 +56,10 @@ through Ray's object store, and many requests are in flight at once.
 import asyncio
 import logging
 import math
+import time
+import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -47,34 +70,130 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from partitions.artifacts import read_plan
 from partitions.plan import Plan
 from partitions.runtime import outputs_of
-from partitions.types import TensorSpec
+from partitions.types import Payload, TensorSpec
 from serve_app import codecs
 from serve_app.auth import CHALLENGE, authorized, load_token
-from serve_app.batching import PipelineBatcher, run_together
+from serve_app.batching import PipelineBatcher, run_together, samples
 from serve_app.cache import ResultCache, input_key, plan_version
-from serve_app.retry import RetryPolicy, Unavailable, call_with_retry
-from serve_app.tensors import BadRequest, Payload, check_inputs, describe, oip_datatype
+from serve_app.config import EntranceConfig
+from serve_app.names import ARRIVED_METRIC, QUEUED_METRIC
+from serve_app.retry import DeadlineExceeded, Unavailable, call_with_retry, is_deadline
+from serve_app.tensors import BadRequest, check_inputs, describe, oip_datatype
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="partserve", docs_url=None, redoc_url=None)
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+"""HTTP header: the client's deadline for the request, in milliseconds (it may only shorten the server's)."""
 
 
 def _metadata(specs: list[TensorSpec]) -> list[dict[str, object]]:
     return [{"name": t.name, "datatype": oip_datatype(t.dtype), "shape": list(t.shape)} for t in specs]
 
 
-async def run_stages(plan: Plan, stages: list[DeploymentHandle], payload: Payload) -> dict[str, np.ndarray]:
+async def run_stages(
+    plan: Plan, stages: list[DeploymentHandle], payload: Payload, deadline_s: float | None = None
+) -> dict[str, np.ndarray]:
     """Call every stage at once, each on the (not yet computed) responses of the stages it reads from (a
     first stage: on the model inputs it reads), then await the stages no other stage reads from:
-    intermediates go stage to stage through the object store."""
+    intermediates go stage to stage through the object store.
+
+    ``deadline_s`` (``time.time()`` seconds) goes with every stage call; when it passes first, this raises
+    :class:`DeadlineExceeded`. Whatever ends the wait (that, an error, a cancellation), the stage calls
+    still under way are cancelled."""
     responses: dict[int, DeploymentResponse] = {}
-    for stage in plan.stages:
-        sources = [responses[j] for j in stage.after] or [{name: payload[name] for name in stage.reads}]
-        responses[stage.index] = stages[stage.index].remote(*sources)
+    extra = {} if deadline_s is None else {"deadline_s": deadline_s}
+    try:
+        for stage in plan.stages:
+            sources: list[DeploymentResponse | Payload] = [responses[j] for j in stage.after] or [
+                {name: payload[name] for name in stage.reads}
+            ]
+            response = stages[stage.index].remote(*sources, **extra)
+            assert isinstance(response, DeploymentResponse)  # not a generator: stage handles do not stream
+            responses[stage.index] = response
+        sinks = asyncio.gather(*(responses[i] for i in plan.sinks()))
+        if deadline_s is None:
+            sent = await sinks
+        else:
+            try:
+                sent = await asyncio.wait_for(sinks, max(deadline_s - time.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded("the request's deadline passed in the pipeline", 0.0) from None
+    except BaseException:
+        for response in responses.values():
+            response.cancel()
+        raise
     merged: Payload = {}
-    for sent in await asyncio.gather(*(responses[i] for i in plan.sinks())):
-        merged.update(sent)
+    for outputs in sent:
+        merged.update(outputs)
     return outputs_of(plan, merged)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a request must be answered by (``time.time()`` seconds), and whether its client chose that."""
+
+    at_s: float
+    from_client: bool = False
+
+    @staticmethod
+    def of(arrival_s: float, server_s: float, client_s: float | None) -> "Deadline":
+        """The deadline of a request arrived at ``arrival_s``: the server's ``server_s`` seconds later, or
+        the client's ``client_s`` when shorter."""
+        if client_s is not None and client_s < server_s:
+            return Deadline(arrival_s + client_s, True)
+        return Deadline(arrival_s + server_s)
+
+
+class InflightBytes:
+    """The bytes held by an entrance replica's requests in flight, bounded by ``limit``; each request's share
+    is a :class:`Held`."""
+
+    def __init__(self, limit: int, retry_after_s: float) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.used = 0
+
+    def hold(self) -> "Held":
+        return Held(self)
+
+
+class Held:
+    """One request's bytes in an :class:`InflightBytes`; :meth:`release` (in a ``finally``) gives them back."""
+
+    def __init__(self, budget: InflightBytes) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    def grow(self, n: int) -> None:
+        """Hold ``n`` more bytes; :class:`Unavailable` (nothing held more) when that would pass the limit."""
+        if n > 0 and self.budget.used + n > self.budget.limit:
+            raise Unavailable(
+                f"the entrance holds {self.budget.used} bytes of requests in flight; {n} more would pass its "
+                f"{self.budget.limit}-byte bound (max_inflight_bytes): try again later",
+                self.budget.retry_after_s,
+            )
+        self.budget.used += n
+        self.bytes += n
+
+    def set(self, n: int) -> None:
+        """Hold ``n`` bytes in all (fewer: gives the rest back at once)."""
+        if n >= self.bytes:
+            self.grow(n - self.bytes)
+        else:
+            self.budget.used -= self.bytes - n
+            self.bytes = n
+
+    def release(self) -> None:
+        self.set(0)
+
+
+class Unread(Exception):
+    """A request refused (``error``) before its body was read all: the answer closes the connection."""
+
+    def __init__(self, error: BadRequest | Unavailable) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -82,8 +201,28 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _unavailable(exc: Unavailable) -> JSONResponse:
-    """503 with ``Retry-After`` in whole seconds (rounded up)."""
+    """503 with ``Retry-After`` in whole seconds (rounded up); 504 for a deadline the client set."""
+    if isinstance(exc, DeadlineExceeded) and exc.from_client:
+        return _error(504, str(exc))
     return _error(503, str(exc), {"Retry-After": str(max(0, math.ceil(exc.retry_after_s)))})
+
+
+def _internal(exc: BaseException) -> JSONResponse:
+    """500 with a fresh error id, the exception logged under that id; nothing internal in the answer."""
+    error_id = uuid.uuid4().hex
+    logger.error("request failed, error id %s: %s: %s", error_id, type(exc).__name__, exc, exc_info=exc)
+    return JSONResponse({"error": "internal error", "id": error_id}, status_code=500)
+
+
+def _client_timeout_s(header: str | None, parameter_ms: int | None) -> float | None:
+    """The client's deadline in seconds from the ``X-Request-Timeout-Ms`` header and the OIP ``timeout_ms``
+    parameter (the smaller); None when neither is given; 400 for a header that is not a positive count."""
+    given: list[int] = [] if parameter_ms is None else [parameter_ms]
+    if header is not None:
+        if not codecs.is_count(header) or int(header) <= 0:
+            raise BadRequest(f"{TIMEOUT_HEADER} must be a positive whole number of milliseconds, got {header[:50]!r}")
+        given.append(int(header))
+    return min(given) / 1e3 if given else None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -91,73 +230,103 @@ def _unavailable(exc: Unavailable) -> JSONResponse:
 class Entrance:
     """Checks requests against the plan's inputs and sends them through the stage deployments."""
 
-    def __init__(
-        self,
-        stages: list[DeploymentHandle],
-        plan_uri: str,
-        model_name: str,
-        max_body_bytes: int,
-        max_batch_size: int,
-        batch_wait_timeout_s: float,
-        max_concurrent_batches: int,
-        cache_bytes: int = 0,
-        retry: RetryPolicy | None = None,
-        auth_token_file: str | None = None,
-    ) -> None:
-        """``max_batch_size``: samples per pipeline batch; ``batch_wait_timeout_s``: seconds a request waits
-        for others to join its batch while the pipeline is busy (an idle pipeline takes it at once: see
-        :class:`~serve_app.batching.PipelineBatcher`); ``max_concurrent_batches``: batches in the pipeline at
-        once; ``cache_bytes``: size of the result cache (0: off);
-        ``max_body_bytes``: largest body; ``retry``: how requests whose stage replica died are tried again;
-        ``auth_token_file``: see :func:`serve_app.auth.load_token`."""
+    def __init__(self, stages: list[DeploymentHandle], config: EntranceConfig) -> None:
+        """``stages``: the stage deployments' handles, by stage index; ``config``: see :class:`EntranceConfig`."""
         self.stages = stages
-        self.plan = read_plan(plan_uri)
-        self.model_name = model_name
-        self.max_body_bytes = max_body_bytes
-        self.retry = retry or RetryPolicy()
+        self.plan = read_plan(config.plan_uri)
+        self.model_name = config.model_name
+        self.max_body_bytes = config.max_body_bytes
+        self.retry = config.retry
         self.retries = 0
-        self.token = load_token(auth_token_file)
+        self.request_timeout_s = config.request_timeout_s
+        self.inflight = InflightBytes(config.inflight_bytes(), config.retry.retry_after_s)
+        self.token = load_token(config.auth_token_file)
         self.batcher: PipelineBatcher[dict[str, np.ndarray]] = PipelineBatcher(
-            self._pipeline, max_batch_size, batch_wait_timeout_s, max_concurrent_batches
+            self._pipeline,
+            config.max_batch_size,
+            config.batch_wait_timeout_s,
+            config.max_concurrent_batches,
+            config.retry.retry_after_s,
         )
-        self.cache = ResultCache(cache_bytes) if cache_bytes else None
+        self.cache = ResultCache(config.cache_bytes) if config.cache_bytes else None
         self.version = plan_version(self.plan)
+        self.arrived = 0.0
+        """Requests sent towards the pipeline so far, in pipeline batches (samples / ``max_batch_size``)."""
 
-    async def infer(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(
+        self, inputs: np.ndarray | Mapping[str, np.ndarray], timeout_s: float | None = None
+    ) -> dict[str, np.ndarray]:
         """Run the model on ``inputs`` (an array for single-input models, or arrays by input name); returns
-        the outputs by name. Raises :class:`BadRequest` for inputs that do not fit the plan and
-        :class:`Unavailable` when the pipeline cannot answer now (retryable)."""
+        the outputs by name. ``timeout_s``: the caller's deadline, if shorter than the server's. Raises
+        :class:`BadRequest` for inputs that do not fit the plan and :class:`Unavailable` when the pipeline
+        cannot answer now (retryable; :class:`DeadlineExceeded` when the deadline passed)."""
+        deadline = Deadline.of(time.time(), self.request_timeout_s, timeout_s)
         if isinstance(inputs, np.ndarray):
             if len(self.plan.inputs) != 1:
                 raise BadRequest(f"the model takes inputs {[t.name for t in self.plan.inputs]}: pass a dict")
             inputs = {self.plan.inputs[0].name: inputs}
-        return await self._serve(check_inputs(self.plan.inputs, inputs))
+        return await self._serve(check_inputs(self.plan.inputs, inputs), deadline)
 
-    async def _serve(self, payload: Payload) -> dict[str, np.ndarray]:
+    async def _serve(self, payload: Payload, deadline: Deadline) -> dict[str, np.ndarray]:
         """One request: from the cache, or batched with others through the pipeline (a request as large as
-        a batch goes alone)."""
-        key = input_key(self.version, payload) if self.cache is not None else None
-        if key is not None and (hit := self.cache.get(key)) is not None:
+        a batch goes alone), answered by ``deadline`` or :class:`DeadlineExceeded`."""
+        try:
+            return await self._cached(payload, deadline.at_s)
+        except (TimeoutError, asyncio.TimeoutError, DeadlineExceeded) as exc:
+            raise self._expired(deadline) from exc
+        except Exception as exc:
+            if is_deadline(exc):
+                raise self._expired(deadline) from exc
+            raise
+
+    def _expired(self, deadline: Deadline) -> DeadlineExceeded:
+        if deadline.from_client:
+            return DeadlineExceeded("no answer within the deadline the request set", 0.0, True)
+        return DeadlineExceeded(
+            f"no answer within the server's {self.request_timeout_s:g} s deadline, try again later",
+            self.retry.retry_after_s,
+        )
+
+    async def _cached(self, payload: Payload, deadline_s: float) -> dict[str, np.ndarray]:
+        cache = self.cache
+        if cache is None:
+            return await self._batched(payload, deadline_s)
+        key = input_key(self.version, payload)
+        if (hit := cache.get(key)) is not None:
             return hit
-        outputs = await self.batcher(payload)
-        if key is not None:
-            self.cache.put(key, outputs)
+        outputs = await self._batched(payload, deadline_s)
+        cache.put(key, outputs)
         return outputs
 
-    async def _pipeline(self, payloads: list[Payload]) -> list[dict[str, np.ndarray] | Exception]:
-        """Send requests through the pipeline as one batch (per-hop costs are paid per batch, not per sample);
-        if the batch fails, each request goes alone so only the failing ones fail."""
-        # Retries spent or overloaded (Unavailable): running each request alone would only add load.
+    async def _batched(self, payload: Payload, deadline_s: float) -> dict[str, np.ndarray]:
+        """The batcher's answer to one request, counted as it arrives (see :meth:`record_autoscaling_stats`)."""
+        self.arrived += samples(payload) / self.batcher.max_batch_size
+        return await self.batcher(payload, deadline_s)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve records for the autoscaling policy (only when the entrance has an ``autoscaling_config``;
+        :mod:`cluster.observe` reads it): ``arrived``, the requests sent towards the pipeline so far, and
+        ``queued``, those waiting here for a place in it, both in pipeline batches (samples /
+        ``max_batch_size``): the stages' unit of work."""
+        full = self.batcher.max_batch_size
+        return {ARRIVED_METRIC: self.arrived, QUEUED_METRIC: self.batcher.queued_samples / full}
+
+    async def _pipeline(
+        self, payloads: list[Payload], deadline_s: float | None
+    ) -> list[dict[str, np.ndarray] | Exception]:
+        """Send requests through the pipeline as one batch (per-hop costs are paid per batch, not per sample)
+        until ``deadline_s``; if the batch fails, bisect it so only the failing requests fail."""
+        # Retries spent, overloaded or out of time (Unavailable): running parts again would only add load.
         return await run_together(
             payloads,
-            lambda payload, _requests: self._run(payload),
+            lambda payload, _requests: self._run(payload, deadline_s),
             alone_on=lambda exc: not isinstance(exc, Unavailable),
         )
 
-    async def _run(self, payload: Payload) -> dict[str, np.ndarray]:
+    async def _run(self, payload: Payload, deadline_s: float | None) -> dict[str, np.ndarray]:
         """The pipeline's outputs, tried again while stage replicas die under it (see :mod:`serve_app.retry`)."""
         return await call_with_retry(
-            lambda: run_stages(self.plan, self.stages, payload), self.retry, on_retry=self._retried
+            lambda: run_stages(self.plan, self.stages, payload, deadline_s), self.retry, on_retry=self._retried
         )
 
     def _retried(self, exc: BaseException) -> None:
@@ -168,16 +337,21 @@ class Entrance:
         """``retries``: pipeline runs this replica tried again after a stage replica failed."""
         return {"retries": self.retries}
 
+    def inflight_stats(self) -> dict[str, int]:
+        """``bytes``: what the requests in flight hold now; ``limit``: the bound (``max_inflight_bytes``)."""
+        return {"bytes": self.inflight.used, "limit": self.inflight.limit}
+
     def cache_stats(self) -> dict[str, int] | None:
         """Hits, misses, entries and bytes of the result cache; None when it is off."""
         return self.cache.stats() if self.cache is not None else None
 
+    # Health probes run on the event loop itself (no hop to a worker thread): they answer as long as it turns.
     @api.get("/v2/health/live")
-    def live(self) -> dict[str, bool]:
+    async def live(self) -> dict[str, bool]:
         return {"live": True}
 
     @api.get("/v2/health/ready")
-    def ready(self) -> dict[str, bool]:
+    async def ready(self) -> dict[str, bool]:
         return {"ready": True}
 
     @api.get("/v2")
@@ -210,49 +384,82 @@ class Entrance:
 
     @api.post("/v2/models/{name}/infer")
     async def infer_http(self, name: str, request: Request) -> Response:
+        arrival_s = time.time()
         if (denied := self._denied(request)) is not None:
             return denied
         if name != self.model_name:
             return self._unknown(name)
+        held = self.inflight.hold()
         try:
-            body = await self._body(request)
-            req = codecs.decode(
-                body,
-                request.headers.get("content-type"),
-                request.headers.get(codecs.HEADER_LENGTH),
-                self.plan.inputs,
-                max_tensor_bytes=codecs.JSON_EXPANSION * self.max_body_bytes,
+            return await self._answer(request, arrival_s, held)
+        except Unread as unread:
+            # Refused before its body was read: closing the connection stops the upload (clients read the
+            # answer before the write fails) instead of receiving a body nobody will use.
+            answer = (
+                _error(unread.error.status, str(unread.error))
+                if isinstance(unread.error, BadRequest)
+                else (_unavailable(unread.error))
             )
-            payload = check_inputs(self.plan.inputs, req.arrays)
+            answer.headers["Connection"] = "close"
+            return answer
         except BadRequest as exc:
             return _error(exc.status, str(exc))
-        try:
-            outputs = await self._serve(payload)
         except Unavailable as exc:
             return _unavailable(exc)
         except Exception as exc:
-            logger.exception("inference failed")
-            return _error(500, f"inference failed: {type(exc).__name__}: {exc}")
-        try:
-            out = codecs.encode(req, outputs, self.model_name)
-        except BadRequest as exc:
-            return _error(exc.status, str(exc))
+            return _internal(exc)
+        finally:
+            held.release()
+
+    async def _answer(self, request: Request, arrival_s: float, held: "Held") -> Response:
+        """Read, decode, run and encode one infer request; its bytes are counted in ``held``."""
+        timeout_header = request.headers.get(TIMEOUT_HEADER)
+        _client_timeout_s(timeout_header, None)  # a malformed header is a 400 before the body is read
+        body = await self._body(request, held)
+        req = await codecs.decode_async(
+            body,
+            request.headers.get("content-type"),
+            request.headers.get(codecs.HEADER_LENGTH),
+            self.plan.inputs,
+            max_tensor_bytes=codecs.JSON_EXPANSION * self.max_body_bytes,
+        )
+        del body  # from here the request holds its tensors (a .npy body's tensor is a view of it)
+        payload = check_inputs(self.plan.inputs, req.arrays)
+        req.arrays = {}
+        held.set(sum(a.nbytes for a in payload.values()))
+        deadline = Deadline.of(arrival_s, self.request_timeout_s, _client_timeout_s(timeout_header, req.timeout_ms))
+        outputs = await self._serve(payload, deadline)
+        del payload
+        out = await codecs.encode_async(req, outputs, self.model_name)
         return Response(out.body, media_type=out.media_type, headers=out.headers)
 
-    async def _body(self, request: Request) -> bytes:
-        """The request body, refusing more than ``max_body_bytes`` before reading it all."""
+    async def _body(self, request: Request, held: "Held") -> bytes:
+        """The request body, refusing more than ``max_body_bytes`` (413) before reading it all. Its bytes are
+        held twice in ``held`` (the body, then what it decodes to; 503 past ``max_inflight_bytes``): at once
+        for a declared ``Content-Length``, else as they come."""
         too_big = BadRequest(f"request body over the {self.max_body_bytes}-byte limit", 413)
         length = request.headers.get("content-length")
-        if length is not None and codecs.is_count(length) and int(length) > self.max_body_bytes:
-            raise too_big
+        declared = int(length) if length is not None and codecs.is_count(length) else None
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            if declared is not None:
+                if declared > self.max_body_bytes:
+                    raise too_big
+                held.grow(2 * declared)
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise too_big
+                if 2 * size > held.bytes:
+                    held.set(2 * size)
+                chunks.append(chunk)
+        except (BadRequest, Unavailable) as exc:
+            raise Unread(exc) from exc
+        held.set(2 * size)
+        if size < codecs.OFFLOAD_BYTES:
+            return b"".join(chunks)
+        return await asyncio.to_thread(b"".join, chunks)  # a large join copies without the GIL, off the loop
 
     def _denied(self, request: Request) -> JSONResponse | None:
         """401 unless auth is off or the request carries the token; never echoes what was sent."""

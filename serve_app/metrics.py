@@ -31,9 +31,9 @@ from ray.util import metrics
 
 WINDOW_S = 10.0
 """Seconds of recent batches a replica's :func:`window_summary` covers."""
-LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000]
-BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-SAMPLE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1_024, 4_096, 16_384]
+LATENCY_BUCKETS_MS: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000]
+BATCH_SIZE_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+SAMPLE_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1_024, 4_096, 16_384]
 SKETCH_STEPS_PER_OCTAVE = 16
 """Sketch buckets per doubling of the latency: each spans a factor ``2 ** (1 / 16)`` (4.4 %)."""
 _MIN_MS = 1e-3

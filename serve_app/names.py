@@ -16,6 +16,16 @@ ENTRANCE = "entrance"
 """Deployment name of the ingress."""
 FULL_BATCH_METRIC = "full_batch_ms"
 """Custom autoscaling metric of a stage replica: milliseconds of replica time per request (a batch)."""
+# The other custom autoscaling metrics (``record_autoscaling_stats``), read by :mod:`cluster.observe` as the
+# newest raw points Serve keeps per replica. Serve records them only for deployments with an autoscaling_config.
+ARRIVED_METRIC = "arrived"
+"""Entrance replica: requests sent towards the pipeline since it started, in pipeline batches (samples / batch)."""
+QUEUED_METRIC = "queued"
+"""Stage replica: requests waiting in it for a batch; entrance replica: stage requests waiting to be sent."""
+RUNNING_METRIC = "running"
+"""Stage replica: requests in the batch it is running."""
+BUSY_METRIC = "busy_s"
+"""Stage replica: seconds spent running batches since it started (a counter; its rate is the utilisation)."""
 
 _STAGE = re.compile(r"stage-(\d+)")
 

@@ -6,10 +6,13 @@ starts here (the tests exercise each one). Code elsewhere imports Ray's public A
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
+
+if TYPE_CHECKING:
+    from ray._private.node import Node
 
 CHECKED_RAY_VERSION = "2.60.0"
 """The Ray release these imports and signatures were read from (``site-packages/ray``)."""
@@ -50,14 +53,29 @@ def bootstrap_address(address: str) -> str | None:
         return None
 
 
+def _driver_node() -> Node:
+    """The node object of the Ray this driver started or joined (``ray._private.worker._global_node``)."""
+    # Ray declares ``_global_node = None`` without an annotation, so mypy takes it for always None.
+    node = cast("Node | None", ray._private.worker._global_node)
+    if node is None:
+        raise RuntimeError("Ray is not initialized in this process")
+    return node
+
+
 def session_dir() -> str:
     """The connected Ray session's directory (its ``logs/`` holds every process's log)."""
-    return ray._private.worker._global_node.get_session_dir_path()
+    return _driver_node().get_session_dir_path()
 
 
 def raylet_pid() -> int:
     """Process id of the raylet of the Ray instance this driver started (its workers are its children)."""
-    return ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    return _driver_node().all_processes["raylet"][0].process.pid
+
+
+def metrics_export_port() -> int:
+    """Port of this node's Prometheus endpoint (``/metrics``), where ``ray.util.metrics`` of every process on
+    the node (the stage replicas' ``partserve_stage_*``) are exported."""
+    return int(_driver_node().metrics_export_port)
 
 
 def alive_actor_nodes(name_prefix: str) -> dict[str, str]:

@@ -10,9 +10,11 @@ again, whole, after a short backoff (Serve routes it to a live replica). What is
 * a full queue (``ray.serve.exceptions.BackPressureError``) or a deployment that failed to deploy
   (``DeploymentUnavailableError``): not retried (retrying under overload adds load), :class:`Unavailable`
   at once;
+* a request whose deadline passed (:class:`DeadlineExceeded`, also when a stage raised it): not retried;
 * anything else (a model error, a bad input): raised as it is.
 
-HTTP answers :class:`Unavailable` with 503 and ``Retry-After``; handle callers get it as the exception.
+HTTP answers :class:`Unavailable` with 503 and ``Retry-After`` (a :class:`DeadlineExceeded` the client set
+itself: 504); handle callers get it as the exception.
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ class Unavailable(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class DeadlineExceeded(Unavailable):
+    """The request's deadline passed before it was answered. ``from_client``: the caller chose that deadline
+    (HTTP 504); otherwise it was the server's own (HTTP 503 with ``Retry-After``: the same request may
+    succeed later)."""
+
+    def __init__(self, message: str, retry_after_s: float, from_client: bool = False) -> None:
+        Exception.__init__(self, message, retry_after_s, from_client)  # all in args: pickled across processes
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.from_client = from_client
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,11 @@ def is_replica_failure(exc: BaseException) -> bool:
     return any(isinstance(e, REPLICA_FAILURES) for e in causes(exc))
 
 
+def is_deadline(exc: BaseException) -> bool:
+    """Whether ``exc`` says a deadline passed (here or in a stage replica)."""
+    return any(isinstance(e, DeadlineExceeded) for e in causes(exc))
+
+
 def is_overload(exc: BaseException) -> bool:
     """Whether ``exc`` says no replica can take the request now (a full queue, nothing deployed)."""
     return any(isinstance(e, OVERLOAD) for e in causes(exc))
@@ -112,12 +131,16 @@ async def call_with_retry(
 ) -> T:
     """``await call()``, again after a backoff while it fails with a replica failure (at most
     ``policy.attempts`` tries); raises :class:`Unavailable` once they are spent or on overload, and any
-    other error as it is. ``on_retry`` sees each error that is retried."""
+    other error as it is (a :class:`DeadlineExceeded` a stage raised, unwrapped). ``on_retry`` sees each error
+    that is retried."""
     attempt = 1
     while True:
         try:
             return await call()
         except Exception as exc:
+            if is_deadline(exc):
+                inner = next(e for e in causes(exc) if isinstance(e, DeadlineExceeded))
+                raise DeadlineExceeded(inner.message, inner.retry_after_s, inner.from_client) from exc
             if is_overload(exc):
                 raise Unavailable(f"overloaded, try again later ({_first_line(exc)})", policy.retry_after_s) from exc
             if not is_replica_failure(exc):

@@ -6,9 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from partitions.types import BATCH, TensorSpec
-
-Payload = dict[str, np.ndarray]
+from partitions.types import BATCH, Payload, TensorSpec
 
 OIP_DATATYPES: dict[str, str] = {
     "bool": "BOOL",

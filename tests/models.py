@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -90,3 +92,70 @@ def two_roots(features: int = 16, width: int = 64, classes: int = 10, batch_size
         "left": torch.randn(batch_size, features),
         "right": torch.randn(batch_size, features),
     }
+
+
+class TextImageTowers(nn.Module):
+    """A transformers ``CLIPModel`` returning ``(text_embeds, image_embeds)``: two towers that meet only in the
+    outputs, with the pooling and logits a branch plan must not turn into empty stages."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(input_ids=input_ids, pixel_values=pixel_values)
+        return out.text_embeds, out.image_embeds
+
+
+def clip_towers(batch_size: int = 4, width: int = 32, layers: int = 2):
+    """A small CLIP (random weights from a fixed seed) with text ids and 32x32 images as inputs."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tower = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers}
+    tower["num_attention_heads"] = 2
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": 100, "max_position_embeddings": 16},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    inputs = {"input_ids": torch.randint(0, 100, (batch_size, 8)), "pixel_values": torch.randn(batch_size, 3, 32, 32)}
+    return TextImageTowers(CLIPModel(config).eval()), inputs
+
+
+POISON, HANG, SLOW = 1e6, 2e6, 3e6
+"""Marker values for :class:`Trap`, in an input's first feature."""
+HANG_S, SLOW_S = 600.0, 1.0
+
+
+class Trap(nn.Module):
+    """Passes its input on, except for a sample whose first feature is a marker: :data:`POISON` raises,
+    :data:`HANG` blocks for ``HANG_S`` seconds, :data:`SLOW` sleeps ``SLOW_S`` seconds. Data-dependent, so
+    torch.export cannot capture it: capture falls back to module boundaries."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = x[:, 0]
+        if bool((first == POISON).any()):
+            raise ValueError("poison input")
+        if bool((first == HANG).any()):
+            time.sleep(HANG_S)
+        if bool((first == SLOW).any()):
+            time.sleep(SLOW_S)
+        return x
+
+
+def trap_sequential(width: int = 8, batch_size: int = 4):
+    """An nn.Sequential starting with a :class:`Trap`: markers in the input fail, hang or slow the first stage."""
+    torch.manual_seed(0)
+    layers = [Trap(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4)]
+    return nn.Sequential(*layers).eval(), torch.randn(batch_size, width)
+
+
+class Mean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1, keepdim=True)
+
+
+def vector_mean(width: int = 15_000_000, batch_size: int = 1):
+    """The mean of one long vector per sample (15M floats: a 60 MB request): large bodies, little compute."""
+    return Mean().eval(), torch.zeros(batch_size, width)

@@ -1,14 +1,15 @@
-"""Shared helpers of the serving tests: small plans, the whole-model reference, free ports."""
+"""Shared helpers of the serving tests: small plans and the whole-model reference."""
 
 from __future__ import annotations
 
-import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from partitions.inputs import random_inputs
 from partitions.partition import PlanOptions, build_plan
 from partitions.plan import Plan
 from partitions.source import ModelSource, load_model
@@ -27,16 +28,7 @@ class PlannedModel:
 
     def sample(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         """Random inputs of ``batch`` samples (integers within the plan's input ranges)."""
-        rng = np.random.default_rng(seed)
-        out = {}
-        for spec in self.plan.inputs:
-            shape = (batch, *spec.shape[1:])
-            if spec.name in self.plan.input_ranges:
-                low, high = self.plan.input_ranges[spec.name]
-                out[spec.name] = rng.integers(low, high, shape).astype(spec.dtype)
-            else:
-                out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        return out
+        return random_inputs(self.plan.inputs, batch, seed, self.plan.input_ranges)
 
     def reference(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The whole, unpartitioned model's outputs by name."""
@@ -52,12 +44,10 @@ def plan_model(spec: str, options: dict[str, Any], uri: str, stages: int = 3, **
     return PlannedModel(uri, plan, source)
 
 
+Planner = Callable[..., PlannedModel]
+"""The ``planned`` fixture (tests/conftest.py): ``planned(MLP, stages=2, **plan_options)``, once per session."""
+
+
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     """``|got - want| / |want|`` (Frobenius norms)."""
     return float(np.linalg.norm(got.astype(np.float64) - want) / max(np.linalg.norm(want), 1e-30))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -3,8 +3,9 @@
 Each stage has a FIFO queue and identical replicas; a free replica takes up to ``max_batch_size`` queued
 requests and holds them for ``fixed_ms + per_sample_ms * n`` (times Gamma noise with ``service_cv``), then hands
 the batch to the next stage's queue. A new replica serves after ``startup_s``; a removed busy replica finishes
-its batch first. Every ``tick_s`` a controller sees a :class:`~cluster.policy.PipelineObservation` and sets
-each stage's replicas; replicas beyond the GPU budget wait until GPUs free up, as in a Ray cluster.
+its batch first. Every ``tick_s`` a controller gets a :class:`~cluster.sim.metrics.Snapshot` (the exact state;
+what a policy may see of it is the controller's metrics model, :mod:`cluster.sim.metrics`) and sets each
+stage's replicas; replicas beyond the GPU budget wait until GPUs free up, as in a Ray cluster.
 
 Replicas are counted, not modelled one by one, arrivals that find every entrance replica busy are queued in
 one slice, and latencies are written per batch with numpy: thousands of replicas and a million requests take
@@ -23,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from cluster.errors import check
-from cluster.policy import PipelineObservation, StageObservation
+from cluster.sim.metrics import Snapshot, StageSnapshot
 
 _DONE, _READY = 0, 1
 
@@ -61,6 +62,32 @@ class StageModel:
         return self.max_batch_size * 1000.0 / self.full_batch_ms
 
 
+def with_initial_replicas(
+    stages: list[StageModel], how: str, rate_per_s: float, target_utilisation: float
+) -> list[StageModel]:
+    """Stages starting at min replicas, at ``n``, or (``auto``) at ``rate / (mu_i * target_utilisation)``."""
+    if how == "min":
+        return stages
+    if how == "auto":
+        counts = [math.ceil(rate_per_s / (s.rate_per_s * target_utilisation)) for s in stages]
+    else:
+        check(how.isdigit(), f"initial replicas {how!r} is not 'min', 'auto' or a number")
+        counts = [int(how)] * len(stages)
+    return [
+        StageModel(
+            s.name,
+            s.fixed_ms,
+            s.per_sample_ms,
+            s.max_batch_size,
+            s.gpu_fraction,
+            s.min_replicas,
+            s.max_replicas,
+            initial_replicas=min(s.max_replicas, max(s.min_replicas, n)),
+        )
+        for s, n in zip(stages, counts)
+    ]
+
+
 @dataclass(frozen=True)
 class SimConfig:
     tick_s: float = 1.0
@@ -70,13 +97,16 @@ class SimConfig:
     drain_s: float = 300.0
     """After the last arrival, time allowed for the backlog to finish; later requests count as unfinished."""
     seed: int = 0
+    max_ongoing: int = 0
+    """Requests a replica accepts before the caller's handle queues them (Serve's ``max_ongoing_requests``, as
+    metrics see it); 0: no limit."""
 
 
 class Controller(Protocol):
     name: str
 
-    def decide(self, observation: PipelineObservation, ready: Sequence[int]) -> list[int]:
-        """Replicas per stage; ``ready`` counts the replicas serving now (not starting)."""
+    def decide(self, snapshot: Snapshot) -> list[int]:
+        """Replicas per stage, from the exact state (which the controller's metrics model filters)."""
         ...
 
 
@@ -89,6 +119,8 @@ class SimResult:
     replicas: np.ndarray
     """(ticks, stages): replicas running or starting at each tick."""
     replica_seconds: float
+    gpu_seconds: float
+    """Replica-seconds weighted by each stage's GPU share."""
     scale_actions: int
     duration_s: float
     stage_names: list[str] = field(default_factory=list)
@@ -107,7 +139,7 @@ class _Stage:
         self.head = self.queued = self.running = 0
         self.idle, self.busy, self.starting, self.draining, self.cancelled = replicas, 0, 0, 0, 0
         self.target = replicas
-        self.completed, self.full_ms, self.full_batches = 0, 0.0, 0
+        self.completed, self.busy_s, self.full_ms, self.full_batches = 0, 0.0, 0.0, 0
 
     @property
     def alive(self) -> int:
@@ -129,16 +161,20 @@ class _Stage:
         self.queued -= len(ids)
         return ids
 
-    def observe(self) -> StageObservation:
-        obs = StageObservation(
+    def snapshot(self, max_ongoing: int) -> StageSnapshot:
+        return StageSnapshot(
             queued=self.queued,
             running=self.running,
-            target_replicas=self.alive - self.draining,
+            target=self.alive - self.draining,
+            ready=self.idle + self.busy - self.draining,
             completed=self.completed,
-            service_ms=self.full_ms / self.full_batches if self.full_batches else None,
+            busy_s=self.busy_s,
+            full_ms=self.full_ms,
+            full_batches=self.full_batches,
+            max_ongoing=max_ongoing,
+            busy=self.busy,
+            batch_size=self.model.max_batch_size,
         )
-        self.completed, self.full_ms, self.full_batches = 0, 0.0, 0
-        return obs
 
 
 def simulate(
@@ -158,7 +194,8 @@ def simulate(
     finish = np.full(len(arrivals_s), np.inf)
     events: list[tuple] = []
     seq = 0
-    cost, cost_t, n_alive = 0.0, 0.0, sum(s.alive for s in st)
+    cost, gpu_cost, cost_t = 0.0, 0.0, 0.0
+    n_alive, n_gpu = sum(s.alive for s in st), sum(s.alive * s.model.gpu_fraction for s in st)
     actions = 0
     ticks, replica_rows = [], []
     budget = math.inf if config.gpu_budget is None else config.gpu_budget
@@ -177,7 +214,7 @@ def simulate(
 
     def reconcile(i: int, t: float) -> None:
         """Move stage i towards its target: undrain, start (GPU budget permitting) or stop replicas."""
-        nonlocal seq, n_alive
+        nonlocal seq, n_alive, n_gpu
         s, gpu = st[i], stages[i].gpu_fraction
         have = s.alive - s.draining
         if s.target > have:
@@ -200,11 +237,13 @@ def simulate(
                 remove -= k
             s.draining += remove
         n_alive = sum(x.alive for x in st)
+        n_gpu = sum(x.alive * x.model.gpu_fraction for x in st)
 
     def account(t: float) -> None:
-        nonlocal cost, cost_t
+        nonlocal cost, gpu_cost, cost_t
         t = min(t, duration_s)
-        cost += n_alive * (t - cost_t)
+        cost += n_alive * max(0.0, t - cost_t)
+        gpu_cost += n_gpu * max(0.0, t - cost_t)
         cost_t = max(cost_t, t)
 
     n, ai, next_tick = len(arrivals_s), 0, 0.0
@@ -218,8 +257,8 @@ def simulate(
             break
         account(t)
         if t_tick <= t_ev and t_tick <= t_arr:
-            obs = PipelineObservation(time_s=t, stages=tuple(s.observe() for s in st))
-            decided = controller.decide(obs, [s.idle + s.busy - s.draining for s in st])
+            snap = Snapshot(time_s=t, arrived=ai, stages=tuple(s.snapshot(config.max_ongoing) for s in st))
+            decided = controller.decide(snap)
             for i, (s, target) in enumerate(zip(st, decided)):
                 actions += target != s.target
                 s.target = target
@@ -247,6 +286,7 @@ def simulate(
                 s.busy -= 1
                 s.running -= len(ids)
                 s.completed += len(ids)
+                s.busy_s += dur
                 if len(ids) == s.model.max_batch_size:
                     s.full_ms += dur * 1000.0
                     s.full_batches += 1
@@ -259,6 +299,7 @@ def simulate(
                 if s.draining:
                     s.draining -= 1
                     n_alive -= 1
+                    n_gpu -= s.model.gpu_fraction
                     continue
             s.idle += 1
             dispatch(i, t)
@@ -269,6 +310,7 @@ def simulate(
         tick_s=np.asarray(ticks),
         replicas=np.asarray(replica_rows, dtype=int).reshape(len(ticks), len(st)),
         replica_seconds=cost,
+        gpu_seconds=gpu_cost,
         scale_actions=int(actions),
         duration_s=duration_s,
         stage_names=[m.name for m in stages],

@@ -55,6 +55,7 @@ def summarize(result: SimResult, slo_ms: float, step_s: float | None = None, win
         "p99_ms": percentile_ms(latency, 99),
         "slo_attainment": float(np.mean(latency <= slo_ms)) if len(latency) else 1.0,
         "replica_seconds": result.replica_seconds,
+        "gpu_seconds": result.gpu_seconds,
         "scale_actions": result.scale_actions,
         "max_replicas": int(result.replicas.sum(axis=1).max()) if len(result.replicas) else 0,
         "final_replicas": result.replicas[-1].tolist() if len(result.replicas) else [],

@@ -12,13 +12,15 @@ from torch import nn
 
 from partitions.compress.archive import save_compressed
 from partitions.compress.graph import analyze
-from partitions.compress.importance import Method
 from partitions.compress.measure import Fidelity, Inputs, LayerParams, fidelity, layer_params, median_ms, outputs
+from partitions.compress.options import Method, Mode
 from partitions.compress.prune import FineTune, Step, prune, resolve_targets
-from partitions.compress.quantize import Mode, exportable, quantize
+from partitions.compress.quantize import exportable, quantize
 from partitions.errors import PartserveError
+from partitions.inputs import random_inputs
 from partitions.runtime import pick_device
 from partitions.source import ModelSource
+from partitions.types import BATCH, TensorSpec
 
 SUPPORT = {
     "none": "plan, verify and serve like any model",
@@ -38,16 +40,13 @@ def calibration_inputs(source: ModelSource, path: str | None, samples: int = 64,
         if missing:
             raise PartserveError(f"{path} lacks inputs {missing}", f"store arrays named {list(source.example_inputs)}")
         return {k: torch.from_numpy(arrays[k]).to(v.dtype) for k, v in source.example_inputs.items()}
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
+    specs = []
     for name, ex in source.example_inputs.items():
-        shape = (samples, *ex.shape[1:])
-        if name in source.int_ranges:
-            low, high = source.int_ranges[name]
-            out[name] = torch.randint(low, high, shape, generator=gen, dtype=ex.dtype)
-        else:
-            out[name] = torch.randn(shape, generator=gen, dtype=torch.float32).to(ex.dtype)
-    return out
+        # Floats are drawn as float32, then cast: numpy lacks some torch dtypes (bfloat16).
+        dtype = "float32" if ex.is_floating_point() else str(ex.dtype).removeprefix("torch.")
+        specs.append(TensorSpec(name, (BATCH, *ex.shape[1:]), dtype))
+    arrays = random_inputs(specs, samples, seed, source.int_ranges)
+    return {k: torch.from_numpy(arrays[k]).to(v.dtype) for k, v in source.example_inputs.items()}
 
 
 @dataclass

@@ -19,15 +19,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from partitions.errors import ModelError
+from partitions.source import forward_args, takes_keywords
 
 MANIFEST = "compressed.json"
 PROGRAM = "model.pt2"
 INPUTS = "inputs.safetensors"
 FORMAT = "partserve-compressed/1"
-
-
-def is_compressed(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
 
 
 def save_compressed(path: str, model: nn.Module, example: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
@@ -40,8 +37,8 @@ def save_compressed(path: str, model: nn.Module, example: dict[str, torch.Tensor
     batch = torch.export.Dim("batch")
     model = exportable(model).cpu()
     params = inspect.signature(model.forward).parameters
-    by_keyword = all(k in params for k in example)
-    args, kwargs = ((), example) if by_keyword else (tuple(example.values()), {})
+    by_keyword = takes_keywords(model, example)
+    args, kwargs = forward_args(example, by_keyword)
     dynamic: Any = {k: {0: batch} for k in kwargs} if by_keyword else tuple({0: batch} for _ in args)
     if not by_keyword and any(p.kind is p.VAR_POSITIONAL for p in params.values()):
         dynamic = (dynamic,)  # forward(*args): the spec of the whole tuple

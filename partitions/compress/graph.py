@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from partitions.errors import ModelError
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _SAME_SHAPE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
     nn.Dropout, nn.Dropout2d, nn.Identity,
@@ -53,6 +54,22 @@ class PruneGroup:
     norms: list[str] = field(default_factory=list)
     """BatchNorm layers on the path (their per-channel parameters and statistics shrink too)."""
     consumers: list[Consumer] = field(default_factory=list)
+
+
+def prunable(model: nn.Module, name: str) -> nn.Conv2d | nn.Linear:
+    """The Conv2d or Linear layer ``name`` of ``model`` (a group's producer or consumer)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, PRUNABLE):
+        raise TypeError(f"{name} is a {type(module).__name__}, not a Conv2d or Linear")
+    return module
+
+
+def norm(model: nn.Module, name: str) -> nn.BatchNorm1d | nn.BatchNorm2d:
+    """The BatchNorm layer ``name`` of ``model`` (in a group's ``norms``)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, NORMS):
+        raise TypeError(f"{name} is a {type(module).__name__}, not a BatchNorm1d or BatchNorm2d")
+    return module
 
 
 @dataclass
@@ -128,7 +145,7 @@ def _follow(gm: fx.GraphModule, producer: fx.Node, calls: Counter) -> PruneGroup
                 group.consumers.append(Consumer(str(user.target), spread))
                 continue
             todo.append((user, *_pass_through(module, user, node, axis, spread, channels)))
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if isinstance(module, NORMS):
                 group.norms.append(str(user.target))
     return group
 
@@ -146,7 +163,7 @@ def _pass_through(
     """The channel axis and spread after ``user``, or :class:`_Refuse` if it does not keep channels apart."""
     before, after = _shape(src), _shape(user)
     target = user.target if user.op in ("call_function", "call_method") else None
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if isinstance(module, NORMS):
         ok = axis == 1 and spread == 1
     elif isinstance(module, nn.Flatten) or target in _RESHAPES:
         if after == before:

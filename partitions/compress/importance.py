@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from partitions.compress.graph import PruneGroup
+from partitions.compress.graph import PruneGroup, prunable
 from partitions.compress.measure import Inputs, call
-
-Method = Literal["l1", "activation", "taylor", "random"]
-METHODS: tuple[Method, ...] = ("l1", "activation", "taylor", "random")
+from partitions.compress.options import Method
 
 
 def scores(
@@ -38,7 +34,7 @@ def scores(
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
-    return model.get_submodule(name).weight
+    return prunable(model, name).weight
 
 
 def _activation(model: nn.Module, groups: dict[str, PruneGroup], calib: Inputs) -> dict[str, torch.Tensor]:

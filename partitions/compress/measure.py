@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import inspect
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from partitions.costs import measure_ms
+from partitions.source import call_forward
+
 Inputs = dict[str, torch.Tensor]
 
 
 def call(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     """Run ``model`` and return its outputs flattened and concatenated into one float32 [batch, n] tensor."""
-    params = inspect.signature(model.forward).parameters
-    by_keyword = all(k in params for k in inputs)
-    out = model(**inputs) if by_keyword else model(*inputs.values())
+    out = call_forward(model, inputs)
     leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     return torch.cat([t.reshape(t.shape[0], -1).float() for t in leaves], dim=1)
 
@@ -54,19 +52,9 @@ def fidelity(reference: torch.Tensor, got: torch.Tensor) -> Fidelity:
 
 
 def median_ms(model: nn.Module, inputs: Inputs, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of one forward pass (ms)."""
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            if any(t.is_cuda for t in inputs.values()):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            call(model, inputs)
-            if any(t.is_cuda for t in inputs.values()):
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median wall time of one forward pass (ms), synchronised with the inputs' CUDA device if any."""
+    device = next((t.device for t in inputs.values() if t.is_cuda), torch.device("cpu"))
+    return measure_ms(lambda: call(model, inputs), device, repeats, warmup)
 
 
 @dataclass

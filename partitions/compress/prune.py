@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from partitions.compress.graph import PruneGroup, Structure
-from partitions.compress.importance import Method, scores
+from partitions.compress.graph import PruneGroup, Structure, norm, prunable
+from partitions.compress.importance import scores
 from partitions.compress.measure import Fidelity, Inputs, fidelity, outputs
+from partitions.compress.options import Method
 from partitions.errors import PartserveError
+from partitions.source import import_callable
 
 FineTune = Callable[[nn.Module, Inputs], None]
 
@@ -21,7 +22,7 @@ FineTune = Callable[[nn.Module, Inputs], None]
 def shrink(model: nn.Module, group: PruneGroup, keep: torch.Tensor) -> None:
     """Keep only output channels ``keep`` (sorted indices) of ``group.producer``, in place."""
     keep = keep.sort().values
-    producer = model.get_submodule(group.producer)
+    producer = prunable(model, group.producer)
     producer.weight = nn.Parameter(producer.weight.detach()[keep].clone())
     if producer.bias is not None:
         producer.bias = nn.Parameter(producer.bias.detach()[keep].clone())
@@ -30,7 +31,7 @@ def shrink(model: nn.Module, group: PruneGroup, keep: torch.Tensor) -> None:
     else:
         producer.out_features = len(keep)
     for name in group.norms:
-        bn = model.get_submodule(name)
+        bn = norm(model, name)
         for attr in ("weight", "bias"):
             if getattr(bn, attr) is not None:
                 setattr(bn, attr, nn.Parameter(getattr(bn, attr).detach()[keep].clone()))
@@ -39,7 +40,7 @@ def shrink(model: nn.Module, group: PruneGroup, keep: torch.Tensor) -> None:
                 setattr(bn, attr, getattr(bn, attr)[keep].clone())
         bn.num_features = len(keep)
     for c in group.consumers:
-        consumer = model.get_submodule(c.name)
+        consumer = prunable(model, c.name)
         cols = (keep[:, None] * c.spread + torch.arange(c.spread)).flatten()
         consumer.weight = nn.Parameter(consumer.weight.detach()[:, cols].clone())
         if isinstance(consumer, nn.Conv2d):
@@ -88,14 +89,13 @@ def _check_name(structure: Structure, name: str) -> None:
 
 def load_hook(spec: str) -> FineTune:
     """``package.module:function`` -> the function, called as ``fn(model, calibration_inputs)``."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr, None)
-    except ImportError as exc:
-        raise PartserveError(f"cannot import {module_name!r} ({exc})", "check --finetune and PYTHONPATH") from exc
-    if not callable(fn):
-        raise PartserveError(f"{spec} is not a callable", "pass --finetune package.module:function")
-    return fn
+    return import_callable(
+        spec,
+        PartserveError,
+        "check --finetune and PYTHONPATH",
+        "{spec} is not a callable",
+        "pass --finetune package.module:function",
+    )
 
 
 @dataclass

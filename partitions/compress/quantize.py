@@ -12,20 +12,22 @@ What each format supports once saved (see :mod:`partitions.compress.archive`):
 from __future__ import annotations
 
 import warnings
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from partitions.compress.options import Mode
 from partitions.errors import PartserveError
-
-Mode = Literal["none", "dynamic-int8", "weight-int8", "fp16", "bf16"]
-MODES: tuple[Mode, ...] = ("none", "dynamic-int8", "weight-int8", "fp16", "bf16")
 
 
 class Int8Linear(nn.Module):
     """Linear layer with int8 weights and one float32 scale per output neuron (symmetric, zero point 0)."""
+
+    qweight: torch.Tensor
+    """int8 weights, ``(out_features, in_features)`` (a buffer)."""
+    scale: torch.Tensor
+    """float32 scale per output neuron (a buffer)."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()

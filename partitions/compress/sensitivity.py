@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from partitions.compress.graph import Structure
-from partitions.compress.importance import Method, scores
+from partitions.compress.importance import scores
 from partitions.compress.measure import Fidelity, Inputs, fidelity, outputs
+from partitions.compress.options import Method
 from partitions.compress.prune import shrink, top
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -28,20 +28,29 @@ def _write(rows: list[dict[str, Any]], parquet: str | None, plot: str | None) ->
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
-        for setup in dict.fromkeys(str(r["setup"]) for r in rows if r.get("mode") == "closed"):
-            mine = [r for r in rows if r["setup"] == setup and r.get("mode") == "closed"]
+        fig, (top, bottom, right) = plt.subplots(3, 1, figsize=(7, 10))
+        closed = [r for r in rows if r.get("mode") == "closed" and r.get("path", "handle") == "handle"]
+        for setup in dict.fromkeys(str(r["setup"]) for r in closed):
+            mine = [r for r in closed if r["setup"] == setup]
             levels = [r["level"] for r in mine]
             top.plot(levels, [r["throughput_samples_per_s"] for r in mine], marker="o", label=setup)
             bottom.plot(levels, [r["p50_ms"] for r in mine], marker="o", label=setup)
+            right.plot(
+                [r["p99_ms"] for r in mine], [r["throughput_samples_per_s"] for r in mine], marker="o", label=setup
+            )
         for r in rows:
             if r.get("mode") == "bound":
-                top.axhline(r["throughput_samples_per_s"], linestyle="--", color="gray", label="torch bound")
+                top.axhline(r["throughput_samples_per_s"], linestyle="--", color="gray", label=f"{r['setup']} bound")
         top.set_ylabel("samples/s")
         bottom.set_ylabel("p50 latency (ms)")
         bottom.set_xlabel("requests in flight")
         top.set_xscale("log", base=2)
+        bottom.set_xscale("log", base=2)
+        right.set_xlabel("p99 latency (ms)")
+        right.set_ylabel("samples/s")
+        right.set_xscale("log")
         top.legend()
+        right.legend()
         fig.tight_layout()
         fig.savefig(plot, dpi=100)
 
@@ -60,6 +69,14 @@ def _write(rows: list[dict[str, Any]], parquet: str | None, plot: str | None) ->
 @click.option("--samples-per-request", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(min=1), help="Samples per batch (default: the plan's).")
 @click.option("--entrance-replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--slo-ms", type=click.FloatRange(min=0), help="p99 bound of the SLO figure (default: 4x torch's batch).")
+@click.option(
+    "--http-level",
+    type=click.IntRange(min=0),
+    default=16,
+    show_default=True,
+    help="With --compare: requests in flight of one HTTP run per setup (0: none).",
+)
 @click.option("--out", "parquet", type=click.Path(dir_okay=False), help="Write all rows to this Parquet file.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write throughput and latency curves (PNG).")
 @click.option("--json", "as_json", is_flag=True)
@@ -78,6 +95,8 @@ def bench(
     samples_per_request: int,
     max_batch_size: int | None,
     entrance_replicas: int,
+    slo_ms: float | None,
+    http_level: int,
     parquet: str | None,
     plot: str | None,
     as_json: bool,
@@ -87,7 +106,14 @@ def bench(
     from partitions.errors import PartserveError
     from serve_app import bench as b
 
-    load = b.Load([int(c) for c in _floats(concurrency)], _floats(rates), duration_s, warmup_s, samples_per_request)
+    load = b.Load(
+        [int(c) for c in _floats(concurrency)],
+        _floats(rates),
+        duration_s,
+        warmup_s,
+        samples_per_request,
+        http_level=http_level,
+    )
     if sum(map(bool, (compare, url, app_name))) != 1:
         raise PartserveError("say what to measure", "pass one of --compare, --url URL or --app NAME")
     if compare:
@@ -98,7 +124,7 @@ def bench(
         args = AppArgs(plan_uri=uri, num_cpus=0, max_batch_size=max_batch_size, entrance_replicas=entrance_replicas)
         report = (lambda step: None) if as_json else (lambda step: err_console.print(f"measuring {step} ..."))
         out = asyncio.run(b.compare(uri, load, args, report))
-        out["summary"] = b.summary(out["rows"])
+        out["summary"] = b.summary(out["rows"], slo_ms)
         _report(out, parquet, plot, as_json)
     else:
         _report(asyncio.run(_against_running(url, app_name, address, model_name, target, load)), parquet, plot, as_json)
@@ -113,6 +139,7 @@ def _report(out: dict[str, Any], parquet: str | None, plot: str | None, as_json:
     rows = [
         [
             r["setup"],
+            r.get("path", ""),
             r.get("mode"),
             r.get("level"),
             f"{r['throughput_samples_per_s']:.1f}",
@@ -123,7 +150,9 @@ def _report(out: dict[str, Any], parquet: str | None, plot: str | None, as_json:
         ]
         for r in out["rows"]
     ]
-    console.print(table("bench", ["setup", "mode", "level", "samples/s", "p50 ms", "p90 ms", "p99 ms", "errors"], rows))
+    console.print(
+        table("bench", ["setup", "path", "mode", "level", "samples/s", "p50 ms", "p90 ms", "p99 ms", "errors"], rows)
+    )
     for name, figures in out.get("stage_figures", {}).items():
         console.print(
             f"{name} stages: "
@@ -133,20 +162,101 @@ def _report(out: dict[str, Any], parquet: str | None, plot: str | None, as_json:
             )
         )
     if "summary" in out:
-        console.print(
-            table(
-                "compare (best throughput of each setup)",
-                ["setup", "samples/s", "vs (a) torch", "vs (b) serve-whole"],
+        _print_summary(out)
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def _level_cell(figures: dict[str, Any] | None) -> str:
+    """``samples/s (p50/p99)`` of one setup at one level."""
+    if figures is None:
+        return "-"
+    t, p50, p99 = (figures[k] for k in ("throughput_samples_per_s", "p50_ms", "p99_ms"))
+    return f"{_num(t)} ({_num(p50, 0)}/{_num(p99, 0)})"
+
+
+def _print_summary(out: dict[str, Any]) -> None:
+    """The comparison's tables: configurations, best against best, equal load, SLO, idle latency, HTTP."""
+    s = out["summary"]
+    keys = [
+        "torch_threads",
+        "replica_cpus",
+        "max_batch_size",
+        "batch_wait_s",
+        "stage_max_batch_size",
+        "stage_batch_wait_s",
+        "max_ongoing_requests",
+        "in_flight_batches",
+        "access_log",
+    ]
+    configs = out["configs"]
+    console.print(
+        table(
+            f"setups ({out['cores']} cores)",
+            ["setup", *keys],
+            [
+                [name, *(_num(c[k], 3) if isinstance(c[k], float) else str(c[k]) for k in keys)]
+                for name, c in configs.items()
+            ],
+        )
+    )
+    console.print(
+        table(
+            "best throughput of each setup (handles)",
+            ["setup", "samples/s", "in flight", "p50 ms", "p99 ms", "vs torch", "vs serve-whole", "vs serve-chain"],
+            [
                 [
-                    [
-                        s["setup"],
-                        f"{s['throughput_samples_per_s']:.1f}",
-                        f"{s['vs_torch']:.2f}",
-                        f"{s['vs_serve_whole']:.2f}",
-                    ]
-                    for s in out["summary"]
-                ],
-            )
+                    r["setup"],
+                    _num(r["throughput_samples_per_s"]),
+                    str(r["at_level"]),
+                    _num(r["p50_ms"]),
+                    _num(r["p99_ms"]),
+                    _num(r["vs_torch"], 2),
+                    _num(r["vs_serve_whole"], 2),
+                    _num(r["vs_serve_chain"], 2),
+                ]
+                for r in s["best"]
+            ],
+        )
+    )
+    setups = [n for n in ("serve-whole", "serve-chain", "partserve") if n in configs]
+    console.print(
+        table(
+            "at equal load (samples/s, p50/p99 ms)",
+            ["in flight", *setups, "partserve / whole", "partserve / chain"],
+            [
+                [
+                    str(e["level"]),
+                    *(_level_cell(e.get(n)) for n in setups),
+                    _num(e["partserve_vs_serve_whole"], 2),
+                    _num(e["partserve_vs_serve_chain"], 2),
+                ]
+                for e in s["at_level"]
+            ],
+        )
+    )
+    console.print(
+        f"under p99 <= {_num(s['slo_ms'])} ms: "
+        + ", ".join(
+            f"{n} {_num(v['throughput_samples_per_s'])} samples/s (at {v['level']})" for n, v in s["slo"].items()
+        ),
+        highlight=False,
+    )
+    idle = s["idle"]
+    console.print(
+        f"idle (1 in flight) p50: partserve {_num(idle['partserve_p50_ms'])} ms = "
+        f"{_num(idle['vs_stages_in_process'], 2)}x its stages back to back in one process "
+        f"({_num(idle['stages_in_process_p50_ms'])} ms), {_num(idle['vs_serve_whole'], 2)}x serve-whole "
+        f"({_num(idle['serve_whole_p50_ms'])} ms)",
+        highlight=False,
+    )
+    for name, h in s["http"].items():
+        console.print(
+            f"http {name} at {h['level']}: {_num(h['http_samples_per_s'])} samples/s (handles: "
+            f"{_num(h['handle_samples_per_s'])}), p99 {_num(h['http_p99_ms'])} ms",
+            highlight=False,
         )
 
 

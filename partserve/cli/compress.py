@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from partserve.cli.output import console, domain_errors, emit_json, human_bytes, parse_pairs, table
+from partitions.compress.options import METHODS, MODES
+from partserve.cli.output import console, domain_errors, emit_json, human_bytes, json_option, parse_pairs, table
 
 
 def _pairs(text: str | None, cast: type, option: str) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def _ratio(text: str | None) -> float | dict[str, float] | None:
 )
 @click.option("--keep", help="Output channels to keep per layer, e.g. conv1=12,fc1=96.")
 @click.option(
-    "--importance", type=click.Choice(["l1", "activation", "taylor", "random"]), default="taylor", show_default=True
+    "--importance", type=click.Choice(METHODS), default="taylor", show_default=True
 )
 @click.option(
     "--steps", type=click.IntRange(min=1), default=1, show_default=True, help="Pruning steps towards the target."
@@ -47,7 +48,7 @@ def _ratio(text: str | None) -> float | dict[str, float] | None:
 @click.option(
     "--quantize",
     "quantization",
-    type=click.Choice(["none", "dynamic-int8", "weight-int8", "fp16", "bf16"]),
+    type=click.Choice(MODES),
     default="none",
     show_default=True,
 )
@@ -73,7 +74,7 @@ def _ratio(text: str | None) -> float | dict[str, float] | None:
 @click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True, help="Timed repeats per round.")
 @click.option("--sensitivity", is_flag=True, help="Only run and print the sensitivity analysis.")
 @click.option("-O", "--model-option", "model_opts", multiple=True, help="Model option KEY=VALUE (repeatable).")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON only.")
+@json_option
 @domain_errors
 def compress(
     model: str,

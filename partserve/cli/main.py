@@ -8,18 +8,18 @@ from typing import Any
 import click
 import numpy as np
 
+from partitions.planner import OBJECTIVES
 from partserve.cli.output import (
     console,
     domain_errors,
     emit_json,
     human_bytes,
+    json_option,
     parse_bytes,
     parse_pairs,
     progress_bar,
     table,
 )
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON only.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +54,7 @@ def _model_options(pairs: tuple[str, ...], named: dict[str, Any]) -> dict[str, A
 )
 @click.option(
     "--objective",
-    type=click.Choice(["throughput", "latency"]),
+    type=click.Choice(OBJECTIVES),
     default="throughput",
     show_default=True,
     help="Minimise the bottleneck stage (throughput) or the critical path (latency).",
@@ -228,6 +228,7 @@ def zoo(as_json: bool) -> None:
 
 def _register() -> None:
     """Commands that live beside the subsystem they drive."""
+    from partserve.cli.batch import batch
     from partserve.cli.bench import bench
     from partserve.cli.compress import compress
     from partserve.cli.k8s import k8s
@@ -235,7 +236,7 @@ def _register() -> None:
     from partserve.cli.simulate import simulate
     from partserve.cli.status import status
 
-    for command in (run, build, status, bench, compress, simulate, k8s):
+    for command in (run, build, status, bench, batch, compress, simulate, k8s):
         main.add_command(command)
 
 

@@ -19,6 +19,8 @@ from partitions.errors import PartserveError
 console = Console()
 err_console = Console(stderr=True)
 
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON only.")
+
 _UNITS = {
     "": 1,
     "B": 1,

@@ -99,9 +99,25 @@ def curl_example(url: str, model: str, inputs: list) -> str:
     return f"curl -s {url}/v2/models/{model}/infer -H 'Content-Type: application/json' -d '{body}'"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _interrupt(*_: object) -> None:
-    """SIGTERM stops ``run`` as Ctrl-C does."""
     raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """From now on SIGINT and SIGTERM raise ``KeyboardInterrupt`` here, whatever this process inherited: a
+    background job of a shell script starts with SIGINT ignored, and ``ray.init`` installs its own SIGTERM
+    handler (call this again after it)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
+
+
+def ignore_signals() -> None:
+    """While stopping: a second Ctrl-C must not cut the clean-up short and leave Ray processes behind."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 scaling_options = [
@@ -163,21 +179,25 @@ def run(
     **scaling: Any,
 ) -> None:
     """Serve TARGET (a plan directory, or a MODEL planned once into a cache; default: the demo transformer)
-    on a local Ray, or the cluster at --address, until Ctrl-C."""
+    on a local Ray, or the cluster at --address, until Ctrl-C or SIGTERM (also while planning or deploying;
+    either stops what it started and exits with 0)."""
+    stop_on_signals()
     from cluster import local
     from partitions.artifacts import read_plan
     from serve_app.app import default_model_name
 
     started = time.monotonic()
-    uri = resolve_plan(target, stages, batch_size, not as_json)
-    plan = read_plan(uri)
-    if scaling["token_file"]:  # read by replicas on this machine
-        scaling["token_file"] = os.path.abspath(scaling["token_file"])
-    config = _serve_config(uri, None, host, port, **scaling)
-    if not as_json:
-        err_console.print(f"deploying {len(plan.stages)} stages of {plan.model['spec']} from {uri} ...")
-    names = local.deploy_config(config, address)
+    names: list[str] | None = None
     try:
+        uri = resolve_plan(target, stages, batch_size, not as_json)
+        plan = read_plan(uri)
+        if scaling["token_file"]:  # read by replicas on this machine
+            scaling["token_file"] = os.path.abspath(scaling["token_file"])
+        config = _serve_config(uri, None, host, port, **scaling)
+        if not as_json:
+            err_console.print(f"deploying {len(plan.stages)} stages of {plan.model['spec']} from {uri} ...")
+        names = local.deploy_config(config, address)
+        stop_on_signals()
         local.wait_running(names)
         url = f"http://{host}:{port}"
         local.wait_ready(url)
@@ -199,14 +219,14 @@ def run(
                 highlight=False,
             )
             console.print(ready["curl"], highlight=False, soft_wrap=True)
-        signal.signal(signal.SIGTERM, _interrupt)
         while True:
             time.sleep(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: ray.init's own SIGTERM handler, while Ray starts
         pass
     finally:
+        ignore_signals()
         err_console.print("stopping ...")
-        local.stop(names if address else None)
+        local.stop((names or []) if address else None)  # never shut down a shared cluster's Serve
 
 
 @click.command()

@@ -1,9 +1,11 @@
 """``partserve simulate``: replay a workload on a simulated pipeline under the coordinated policy and/or a model
-of Ray Serve's default autoscaler, and report latency, SLO attainment and cost."""
+of Ray Serve's default autoscaler (and whole-model replicas under it), and report latency, SLO attainment,
+cost, and what each policy saw and its delays."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +13,17 @@ import click
 
 from cluster.errors import ScalingConfigError, check
 from cluster.policy import PolicyConfig
-from cluster.sim.engine import SimConfig, StageModel
+from cluster.sim.engine import SimConfig, StageModel, with_initial_replicas
 from cluster.sim.engine import simulate as run_pipeline
-from cluster.sim.policies import Coordinated, RayDefault, RayDefaultConfig, policy_stages
+from cluster.sim.metrics import ServeMetricsConfig, metrics_model
+from cluster.sim.policies import Coordinated, RayDefault, RayDefaultConfig, policy_stages, whole_model
 from cluster.sim.report import plot, summarize
 from cluster.sim.workloads import KINDS, Workload, arrivals
 from partserve.cli.output import console, domain_errors, emit_json, progress_bar, table
 from serve_app.names import stage_name
 
 _PROGRESS_MIN_REQUESTS = 100_000
+WHOLE_MODEL = "whole-model"
 
 
 def parse_rate(text: str, capacity_rate_per_s: float) -> float:
@@ -80,6 +84,7 @@ def _row(name: str, s: dict[str, Any]) -> list[Any]:
         f"{s['p99_ms']:.0f}",
         f"{100 * s['slo_attainment']:.2f}%",
         f"{s['replica_seconds']:.0f}",
+        f"{s['gpu_seconds']:.0f}",
         s["scale_actions"],
         s["max_replicas"],
         "not recovered" if recovery is None else recovery,
@@ -130,10 +135,39 @@ def _row(name: str, s: dict[str, Any]) -> list[Any]:
     show_default=True,
     help="Ray default policy: target_ongoing_requests.",
 )
-@click.option("--ray-upscale-delay-s", type=float, default=30.0, show_default=True)
-@click.option("--ray-downscale-delay-s", type=float, default=600.0, show_default=True)
-@click.option("--compare", is_flag=True, help="Run the coordinated policy and Ray's default on the same arrivals.")
-@click.option("--policy", type=click.Choice(["coordinated", "ray-default"]), default="coordinated", show_default=True)
+@click.option("--ray-upscale-delay-s", type=float, help="Ray default policy [default: --upscale-delay-s].")
+@click.option("--ray-downscale-delay-s", type=float, help="Ray default policy [default: --downscale-delay-s].")
+@click.option(
+    "--metrics",
+    type=click.Choice(["serve", "exact"]),
+    default="serve",
+    show_default=True,
+    help="What every policy sees: Ray Serve's metrics path, or the exact state at each tick (an upper bound).",
+)
+@click.option("--metrics-interval-s", type=float, default=10.0, show_default=True, help="Serve: push interval.")
+@click.option("--look-back-period-s", type=float, default=30.0, show_default=True, help="Serve: look-back window.")
+@click.option(
+    "--whole-target-ongoing",
+    type=float,
+    help="Whole-model replicas: Ray's target_ongoing_requests [default: --ray-target-ongoing].",
+)
+@click.option(
+    "--whole-max-replicas",
+    type=click.IntRange(min=1),
+    help="Whole-model replicas at most [default: as many as carry the pipeline's capacity].",
+)
+@click.option(
+    "--compare",
+    is_flag=True,
+    help="Run the coordinated policy, Ray's default, and whole-model replicas under Ray's default on the same "
+    "arrivals.",
+)
+@click.option(
+    "--policy",
+    type=click.Choice([Coordinated.name, RayDefault.name, WHOLE_MODEL]),
+    default=Coordinated.name,
+    show_default=True,
+)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), help="PNG of replicas and p99.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @domain_errors
@@ -170,12 +204,29 @@ def simulate(**o: Any) -> None:
     )
     ray = RayDefaultConfig(
         target_ongoing_requests=o["ray_target_ongoing"],
-        upscale_delay_s=o["ray_upscale_delay_s"],
-        downscale_delay_s=o["ray_downscale_delay_s"],
+        upscale_delay_s=o["upscale_delay_s"] if o["ray_upscale_delay_s"] is None else o["ray_upscale_delay_s"],
+        downscale_delay_s=o["downscale_delay_s"] if o["ray_downscale_delay_s"] is None else o["ray_downscale_delay_s"],
     )
-    controllers = [Coordinated(policy), RayDefault(policy.stages, ray)]
+    whole_ray = replace(ray, target_ongoing_requests=o["whole_target_ongoing"] or ray.target_ongoing_requests)
+    serve_metrics = ServeMetricsConfig(
+        metrics_interval_s=o["metrics_interval_s"], look_back_period_s=o["look_back_period_s"]
+    )
+
+    def seen(models: list[StageModel]) -> Any:
+        return metrics_model(o["metrics"], [s.name for s in models], serve_metrics, o["seed"])
+
+    whole_rate = stages[0].max_batch_size * 1000.0 / whole_model(stages, 1).full_batch_ms
+    whole_max = o["whole_max_replicas"] or math.ceil(capacity / whole_rate - 1e-9)
+    whole = with_initial_replicas(
+        [whole_model(stages, whole_max)], o["initial_replicas"], workload.rate_per_s, o["target_utilisation"]
+    )
+    runs: list[tuple[Any, list[StageModel]]] = [
+        (Coordinated(policy, seen(stages)), stages),
+        (RayDefault(policy.stages, ray, seen(stages)), stages),
+        (RayDefault(policy_stages(whole), whole_ray, seen(whole), name=WHOLE_MODEL), whole),
+    ]
     if not o["compare"]:
-        controllers = [c for c in controllers if c.name == o["policy"]]
+        runs = [(c, m) for c, m in runs if c.name == o["policy"]]
     sim = SimConfig(
         tick_s=1.0, startup_s=o["startup_s"], service_cv=o["service_cv"], gpu_budget=o["gpu_budget"], seed=o["seed"]
     )
@@ -183,10 +234,10 @@ def simulate(**o: Any) -> None:
     step_s = o["change_s"] if o["workload"] == "step" else None
     results, report = [], {}
     with progress_bar(not o["as_json"] and len(times) >= _PROGRESS_MIN_REQUESTS) as progress:
-        for c in controllers:
+        for c, models in runs:
             total = int(o["duration_s"])
             result = run_pipeline(
-                stages,
+                models,
                 times,
                 c,
                 o["duration_s"],
@@ -194,7 +245,7 @@ def simulate(**o: Any) -> None:
                 lambda t, name=c.name, total=total: progress(name, int(t), total),
             )
             results.append((c.name, result))
-            report[c.name] = summarize(result, o["slo_ms"], step_s)
+            report[c.name] = {**summarize(result, o["slo_ms"], step_s), **c.describe()}
     if o["plot_path"] is not None:
         plot(results, o["slo_ms"], o["plot_path"])
     header = {"capacity_rate_per_s": capacity, "requests": len(times), "slo_ms": o["slo_ms"], "step_s": step_s}
@@ -207,6 +258,7 @@ def simulate(**o: Any) -> None:
         "p99 ms",
         "SLO attained",
         "replica-s",
+        "GPU-s",
         "scale actions",
         "peak replicas",
         "recovery s",
@@ -216,29 +268,15 @@ def simulate(**o: Any) -> None:
         f"{capacity:.0f}/s, SLO {o['slo_ms']:g} ms"
     )
     console.print(table(title, columns, [_row(name, {**s, "step_s": step_s}) for name, s in report.items()]))
-
-
-def with_initial_replicas(
-    stages: list[StageModel], how: str, rate_per_s: float, target_utilisation: float
-) -> list[StageModel]:
-    """Stages starting at min replicas, at ``n``, or (``auto``) at ``rate / (mu_i * target_utilisation)``."""
-    if how == "min":
-        return stages
-    if how == "auto":
-        counts = [math.ceil(rate_per_s / (s.rate_per_s * target_utilisation)) for s in stages]
-    else:
-        check(how.isdigit(), f"initial replicas {how!r} is not 'min', 'auto' or a number")
-        counts = [int(how)] * len(stages)
-    return [
-        StageModel(
-            s.name,
-            s.fixed_ms,
-            s.per_sample_ms,
-            s.max_batch_size,
-            s.gpu_fraction,
-            s.min_replicas,
-            s.max_replicas,
-            initial_replicas=min(s.max_replicas, max(s.min_replicas, n)),
+    for name, s in report.items():
+        seen_by = s["observation"]
+        how = (
+            "exact state at every tick"
+            if seen_by["model"] == "exact"
+            else f"Serve metrics (recorded every {seen_by['record_interval_s']:g} s, pushed every "
+            f"{seen_by['push_interval_s']:g} s, look-back {seen_by['look_back_period_s']:g} s)"
         )
-        for s, n in zip(stages, counts)
-    ]
+        console.print(
+            f"{name}: saw {how}: {seen_by['signals']}; upscale delay {s['upscale_delay_s']:g} s, downscale delay "
+            f"{s['downscale_delay_s']:g} s"
+        )

@@ -1,0 +1,80 @@
+"""Actor pools of a batch job, sized from the plan's stage times and the cluster's nodes (pure: no Ray).
+
+The resources come in as arguments (CPUs per node, GPUs in all), so the sizing is tested with tiny numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cluster.batch.files import BatchInputError
+from partitions.plan import Plan
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One stage's actor pool: actors, and what each asks of Ray."""
+
+    stage: int
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+
+
+def pool_sizes(costs: Sequence[float], slots: float, weights: Sequence[float] | None = None) -> list[int]:
+    """Actors per stage: one each, then one more at a time to the stage with the highest cost per actor
+    (the bottleneck) while the total weight (actors, or GPU shares with ``weights``) stays within ``slots``."""
+    sizes = [1] * len(costs)
+    w = list(weights) if weights is not None else [1.0] * len(costs)
+    used = sum(w)
+    while True:
+        i = max(range(len(costs)), key=lambda j: (costs[j] / sizes[j], -j))
+        if used + w[i] > slots + 1e-9:
+            return sizes
+        sizes[i] += 1
+        used += w[i]
+
+
+def actor_cpus(nodes: Sequence[float], actors: int) -> float:
+    """The largest CPU request per actor such that ``actors`` actors pack onto nodes with ``nodes`` CPUs free
+    each (whole actors per node: two nodes of 1 CPU hold three actors of 0.5, not of 0.67)."""
+    best = 0.0
+    for free in nodes:
+        for k in range(1, actors + 1):
+            x = free / k
+            if x > best and sum(math.floor(c / x + 1e-9) for c in nodes) >= actors:
+                best = x
+    return best
+
+
+def plan_pools(
+    plan: Plan, cpus: float | Sequence[float], gpus: float = 0.0, use_gpus: bool = False
+) -> tuple[list[Pool], float]:
+    """The pools for ``plan`` on nodes with ``cpus`` CPUs (one number: one node) and ``gpus`` GPUs in all
+    (used with ``use_gpus``), and the CPUs each read task asks for. An eighth of each node's CPUs (at most one)
+    is left to the read tasks and the driver; the rest goes to stage actors in equal fractional requests that
+    pack onto the nodes. On CPUs there are as many actors as whole CPUs (at least one per stage), each running
+    one torch thread per whole CPU it gets (at least one); on GPUs each actor takes its stage's GPU share from
+    the plan and pools grow while the shares fit."""
+    nodes = [float(c) for c in ([cpus] if isinstance(cpus, (int, float)) else cpus) if c > 0]
+    reserve = [min(1.0, 0.125 * c) for c in nodes]
+    free = [c - r for c, r in zip(nodes, reserve)]
+    costs = [max(s.measured_ms or s.cost_ms, 1e-6) for s in plan.stages]
+    if use_gpus:
+        fractions = [max(s.gpu_fraction, 1e-3) for s in plan.stages]
+        if gpus + 1e-9 < sum(fractions):
+            raise BatchInputError(
+                f"the plan's GPU shares add up to {sum(fractions):.2f} GPUs, the cluster has {gpus:g}",
+                "run without --gpus, or on a cluster with more GPUs",
+            )
+        sizes = pool_sizes(costs, gpus, fractions)
+    else:
+        fractions = [0.0] * len(costs)
+        sizes = pool_sizes(costs, max(len(costs), sum(math.floor(c + 1e-9) for c in free)))
+    per_actor = actor_cpus(free, sum(sizes))
+    threads = max(1, math.floor(per_actor + 1e-9))
+    pools = [Pool(i, n, per_actor, fractions[i], threads) for i, n in enumerate(sizes)]
+    return pools, min(reserve) / 2

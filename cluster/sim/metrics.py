@@ -1,0 +1,252 @@
+"""What a simulated autoscaling policy sees: one observation model for every policy.
+
+The engine hands controllers a :class:`Snapshot` (the exact state at a tick, with cumulative counters); a
+metrics model turns the stream of snapshots into :class:`~cluster.observe.DeploymentMetrics`, what Serve's
+controller would hand an autoscaling policy:
+
+* :class:`ServeMetrics` follows Ray Serve 2.60 (:mod:`cluster.observe` describes the path): the handle calling
+  a deployment and its replicas each record every ``min(record_interval_factor x look_back_period_s,
+  metrics_interval_s)`` seconds and push the points of the last ``look_back_period_s`` every
+  ``metrics_interval_s`` (each source at its own phase); the controller sees, at any time, the last push:
+  ongoing and handle-queued requests as time-weighted means over the pushed points (the last one held until
+  now), custom metrics as raw points. Custom metrics exist only while a replica runs; the entrance's arrival
+  counter is recorded like a stage replica's metrics (the entrance has an ``autoscaling_config``).
+* :class:`ExactMetrics` is the oracle: every count as it is at the tick, custom metrics recorded every tick.
+  An upper bound on what any policy could know, not what Serve shows.
+
+A source records at the first tick at or after each of its scheduled times (ticks are 1 s, records 6 s
+apart at Serve's defaults).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cluster.errors import check
+from cluster.observe import DeploymentMetrics
+from serve_app.names import ARRIVED_METRIC, BUSY_METRIC, ENTRANCE, FULL_BATCH_METRIC, QUEUED_METRIC, RUNNING_METRIC
+
+
+@dataclass(frozen=True)
+class StageSnapshot:
+    """One stage at a tick, exactly; counters run from the start of the simulation."""
+
+    queued: int
+    running: int
+    target: int
+    """Replicas running or starting (not draining)."""
+    ready: int
+    """Replicas serving (not starting, not draining)."""
+    completed: int
+    busy_s: float
+    full_ms: float
+    """Summed wall time of the full batches finished so far."""
+    full_batches: int
+    max_ongoing: int = 0
+    """Requests a replica accepts before the handle queues them (0: no limit)."""
+    busy: int = 0
+    """Replicas running a batch."""
+    batch_size: int = 1
+    """Samples in a full batch."""
+
+    @property
+    def requests(self) -> int:
+        """Ongoing requests as Serve counts them: a stage request is a batch the entrance formed, so the queued
+        samples count in full batches, plus one per batch running."""
+        return self.busy + math.ceil(self.queued / self.batch_size)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    time_s: float
+    arrived: int
+    """Requests that have arrived at the pipeline so far."""
+    stages: tuple[StageSnapshot, ...]
+
+
+def handle_queued(s: StageSnapshot) -> float:
+    """Requests waiting at the handle: those beyond ``max_ongoing`` per serving replica (all, with none)."""
+    ongoing = s.requests
+    return float(max(0, ongoing - s.max_ongoing * s.ready) if s.max_ongoing else (0 if s.ready else ongoing))
+
+
+def time_weighted_mean(points: Sequence[tuple[float, float]], now_s: float) -> float:
+    """Serve's MEAN aggregation of one merged series: each value holds until the next point, the last until
+    ``now_s``; 0 without points."""
+    if not points:
+        return 0.0
+    if len(points) == 1 or now_s <= points[0][0]:
+        return points[-1][1]
+    ends = [t for t, _ in points[1:]] + [max(now_s, points[-1][0] + 1e-3)]
+    total = sum(v * (end - t) for (t, v), end in zip(points, ends))
+    return total / (ends[-1] - points[0][0])
+
+
+class _Source:
+    """A recorder (the handle calling a deployment, or its replicas): records on its period, pushes the points
+    of the look-back window on its own; ``pushed`` is what the controller holds."""
+
+    def __init__(self, record_s: float, push_s: float, look_back_s: float, phase: float) -> None:
+        self.record_s, self.push_s, self.look_back_s = record_s, push_s, look_back_s
+        self.next_record = phase * record_s
+        self.next_push = phase * push_s
+        self.store: list[tuple[float, dict[str, float]]] = []
+        self.pushed: list[tuple[float, dict[str, float]]] = []
+
+    def advance(self, now_s: float, sample: dict[str, float] | None) -> None:
+        """Record ``sample`` (None: nothing to record, e.g. no replica runs) and push, when due."""
+        if now_s + 1e-9 >= self.next_record:
+            if sample is not None:
+                self.store.append((now_s, sample))
+            self.next_record += self.record_s * max(1, math.floor((now_s - self.next_record) / self.record_s) + 1)
+        if now_s + 1e-9 >= self.next_push:
+            start = now_s - self.look_back_s
+            self.store = [p for p in self.store if p[0] >= start]
+            self.pushed = list(self.store)
+            self.next_push += self.push_s * max(1, math.floor((now_s - self.next_push) / self.push_s) + 1)
+
+    def series(self, key: str) -> list[tuple[float, float]]:
+        return [(t, v[key]) for t, v in self.pushed if key in v]
+
+
+@dataclass(frozen=True)
+class ServeMetricsConfig:
+    """Ray Serve 2.60's defaults: ``AutoscalingConfig.metrics_interval_s`` and ``look_back_period_s``, and
+    ``RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR``."""
+
+    metrics_interval_s: float = 10.0
+    look_back_period_s: float = 30.0
+    record_interval_factor: float = 0.2
+
+    def __post_init__(self) -> None:
+        check(self.metrics_interval_s > 0, f"metrics_interval_s ({self.metrics_interval_s}) must be > 0")
+        check(self.look_back_period_s > 0, f"look_back_period_s ({self.look_back_period_s}) must be > 0")
+        check(self.record_interval_factor > 0, f"record_interval_factor ({self.record_interval_factor}) must be > 0")
+
+    @property
+    def record_interval_s(self) -> float:
+        return min(self.record_interval_factor * self.look_back_period_s, self.metrics_interval_s)
+
+
+def _custom(now: StageSnapshot, previous: StageSnapshot | None) -> dict[str, float]:
+    """A stage replica's ``record_autoscaling_stats`` (summed over its replicas)."""
+    out = {QUEUED_METRIC: float(now.queued), RUNNING_METRIC: float(now.running), BUSY_METRIC: now.busy_s}
+    batches = now.full_batches - (previous.full_batches if previous else 0)
+    if batches > 0:
+        out[FULL_BATCH_METRIC] = (now.full_ms - (previous.full_ms if previous else 0.0)) / batches
+    return out
+
+
+class ServeMetrics:
+    """Ray Serve's view, per deployment: see the module docstring."""
+
+    name = "serve"
+
+    def __init__(self, stage_names: Sequence[str], config: ServeMetricsConfig = ServeMetricsConfig(), seed: int = 0):
+        self.names, self.config = list(stage_names), config
+        rng = np.random.default_rng((seed, 2))
+        r, p, lb = config.record_interval_s, config.metrics_interval_s, config.look_back_period_s
+        self.handles = [_Source(r, p, lb, float(rng.uniform())) for _ in self.names]
+        self.replicas = [_Source(r, p, lb, float(rng.uniform())) for _ in self.names]
+        self.entrance = _Source(r, p, lb, float(rng.uniform()))
+        self.previous: list[StageSnapshot | None] = [None] * len(self.names)
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "model": self.name,
+            "record_interval_s": c.record_interval_s,
+            "push_interval_s": c.metrics_interval_s,
+            "look_back_period_s": c.look_back_period_s,
+        }
+
+    def view(self, snap: Snapshot) -> tuple[DeploymentMetrics, list[DeploymentMetrics]]:
+        """(the entrance, the stages) as the controller holds them at ``snap.time_s``."""
+        now = snap.time_s
+        self.entrance.advance(now, {ARRIVED_METRIC: float(snap.arrived), QUEUED_METRIC: 0.0})
+        stages = []
+        for i, (name, s) in enumerate(zip(self.names, snap.stages)):
+            handle, replicas = self.handles[i], self.replicas[i]
+            handle.advance(now, {"ongoing": float(s.requests), "queued": handle_queued(s)})
+            due = now + 1e-9 >= replicas.next_record
+            replicas.advance(now, _custom(s, self.previous[i]) if s.ready else None)
+            if due and s.ready:
+                self.previous[i] = s
+            keys = {k for _, v in replicas.pushed for k in v}
+            stages.append(
+                DeploymentMetrics(
+                    name=name,
+                    current_replicas=s.ready,
+                    target_replicas=s.target,
+                    total_requests=time_weighted_mean(handle.series("ongoing"), now),
+                    queued_requests=time_weighted_mean(handle.series("queued"), now),
+                    raw={k: [replicas.series(k)] for k in keys},
+                )
+            )
+        entrance = DeploymentMetrics(
+            name=ENTRANCE,
+            current_replicas=1,
+            target_replicas=1,
+            total_requests=0.0,
+            raw={k: [self.entrance.series(k)] for k in (ARRIVED_METRIC, QUEUED_METRIC)},
+        )
+        return entrance, stages
+
+
+class ExactMetrics:
+    """The oracle: counts as they are at the tick; custom metrics recorded every tick (the two newest kept)."""
+
+    name = "exact"
+
+    def __init__(self, stage_names: Sequence[str]) -> None:
+        self.names = list(stage_names)
+        self.last: Snapshot | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.name, "record_interval_s": 0, "push_interval_s": 0, "look_back_period_s": 0}
+
+    def view(self, snap: Snapshot) -> tuple[DeploymentMetrics, list[DeploymentMetrics]]:
+        prev, now = self.last, snap.time_s
+        self.last = snap
+
+        stages = []
+        for i, (name, s) in enumerate(zip(self.names, snap.stages)):
+            p = prev.stages[i] if prev is not None else None
+            raw = {k: [[(now, v)]] for k, v in _custom(s, p).items()} if s.ready else {}
+            stages.append(
+                DeploymentMetrics(
+                    name=name,
+                    current_replicas=s.ready,
+                    target_replicas=s.target,
+                    total_requests=float(s.requests),
+                    queued_requests=handle_queued(s),
+                    raw=raw,
+                )
+            )
+        arrived = [
+            [(now, float(snap.arrived))]
+            if prev is None
+            else [(prev.time_s, float(prev.arrived)), (now, float(snap.arrived))]
+        ]
+        entrance = DeploymentMetrics(
+            name=ENTRANCE,
+            current_replicas=1,
+            target_replicas=1,
+            total_requests=0.0,
+            raw={ARRIVED_METRIC: arrived, QUEUED_METRIC: [[(now, 0.0)]]},
+        )
+        return entrance, stages
+
+
+MetricsModel = ServeMetrics | ExactMetrics
+
+
+def metrics_model(kind: str, stage_names: Sequence[str], config: ServeMetricsConfig, seed: int = 0) -> MetricsModel:
+    """``serve`` (Ray Serve's path, the default) or ``exact`` (the oracle)."""
+    check(kind in ("serve", "exact"), f"metrics model {kind!r} is not 'serve' or 'exact'")
+    return ServeMetrics(stage_names, config, seed) if kind == "serve" else ExactMetrics(stage_names)

@@ -1,0 +1,51 @@
+"""What Serve shows a policy, read into the coordinated policy's observation: counters, newest points,
+fallbacks to Serve's window aggregates."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.observe import DeploymentMetrics, counter_rate, newest, pipeline_observation
+
+
+def test_counter_rate_differences_the_two_newest_points_of_each_replica() -> None:
+    a = [(0.0, 0.0), (6.0, 30.0), (12.0, 90.0)]  # (90 - 30) / 6 = 10/s
+    b = [(3.0, 5.0), (9.0, 35.0)]  # (35 - 5) / 6 = 5/s
+    assert counter_rate([a, b]) == (pytest.approx(15.0), 12.0)
+    assert counter_rate([[(0.0, 50.0), (6.0, 12.0)]]) == (2.0, 6.0)  # restarted: counts from 0, 12 / 6
+    assert counter_rate([[(1.0, 3.0)], []]) is None  # one point: no rate yet
+
+
+def test_newest_sums_replicas_and_averages_their_times() -> None:
+    assert newest([[(0.0, 1.0), (6.0, 4.0)], [(8.0, 2.0)]]) == (6.0, 7.0)
+    assert newest([[], []]) is None
+
+
+def stage(name: str, raw: dict) -> DeploymentMetrics:
+    return DeploymentMetrics(
+        name, current_replicas=2, target_replicas=3, total_requests=9.0, queued_requests=1.0, raw=raw
+    )
+
+
+def test_pipeline_observation_prefers_custom_metrics_and_falls_back_to_windows() -> None:
+    with_metrics = stage(
+        "stage-0",
+        {
+            "queued": [[(10.0, 4.0)], [(12.0, 2.0)]],
+            "running": [[(10.0, 1.0)], [(12.0, 1.0)]],
+            "full_batch_ms": [[(10.0, 80.0)], [(12.0, 100.0)]],
+        },
+    )
+    without = stage("stage-1", {})
+    entrance = DeploymentMetrics(
+        "entrance", 1, 1, 0.0, raw={"arrived": [[(4.0, 10.0), (10.0, 40.0)]], "queued": [[(10.0, 3.0)]]}
+    )
+    obs = pipeline_observation(15.0, [with_metrics, without], entrance)
+    s0, s1 = obs.stages
+    # newest points: queued 4 + 2 (+ 1 queued at the handle), running 2, at 11 s; mean service 90 ms
+    assert (s0.queued, s0.running, s0.sampled_at_s, s0.service_ms) == (7.0, 2.0, 11.0, 90.0)
+    assert (s0.target_replicas, s0.ready_replicas) == (3, 2)
+    # Serve's window aggregates: queued 1, running 9 - 1 = 8, as of now
+    assert (s1.queued, s1.running, s1.sampled_at_s) == (1.0, 8.0, None)
+    assert (obs.arrival_rate_per_s, obs.rate_sampled_at_s, obs.entrance_queued) == (5.0, 10.0, 3.0)
+    assert pipeline_observation(15.0, [without]).arrival_rate_per_s is None  # no entrance: estimate the rate

@@ -1,0 +1,195 @@
+"""The pipeline simulator: queueing sanity, determinism, Serve's observation model, the Ray default model, and the
+acceptance figures (both policies on Serve's metrics path, with the same delays)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cluster.policy import PolicyConfig
+from cluster.sim.engine import SimConfig, StageModel, simulate, with_initial_replicas
+from cluster.sim.metrics import ServeMetrics, ServeMetricsConfig, Snapshot, StageSnapshot, time_weighted_mean
+from cluster.sim.policies import (
+    Coordinated,
+    RayDefault,
+    RayDefaultConfig,
+    policy_stages,
+    scaled_replicas,
+    whole_model,
+)
+from cluster.sim.report import summarize
+from cluster.sim.workloads import Workload, arrivals
+
+SLO_MS = 1200.0
+
+
+class Fixed:
+    """Keeps every stage at ``replicas`` and records the requests in the pipeline at each tick."""
+
+    name = "fixed"
+
+    def __init__(self, replicas: list[int]) -> None:
+        self.replicas, self.in_system = replicas, []
+
+    def decide(self, snapshot: Snapshot) -> list[int]:
+        self.in_system.append(sum(s.queued + s.running for s in snapshot.stages))
+        return self.replicas
+
+
+def erlang_c_wait_s(c: int, rate_per_s: float, service_s: float) -> float:
+    """Mean time in an M/M/c system: service + P(wait) / (c mu - lambda)."""
+    a = rate_per_s * service_s
+    rho = a / c
+    tail = a**c / math.factorial(c) / (1 - rho)
+    p_wait = tail / (sum(a**k / math.factorial(k) for k in range(c)) + tail)
+    return service_s + p_wait / (c / service_s - rate_per_s)
+
+
+def test_mmc_mean_latency_and_littles_law() -> None:
+    # 4 replicas, 100 ms exponential service, 30 requests/s: rho = 30 * 0.1 / 4 = 0.75
+    stage = StageModel("s", fixed_ms=0.0, per_sample_ms=100.0, max_batch_size=1, min_replicas=4, max_replicas=4)
+    times = arrivals(Workload("bursty", rate_per_s=30.0, cv=1.0), 4000.0, seed=1)
+    fixed = Fixed([4])
+    result = simulate([stage], times, fixed, 4000.0, SimConfig(service_cv=1.0, tick_s=0.5, seed=1))
+    w_s = float(np.mean(result.latency_ms)) / 1000
+    assert w_s == pytest.approx(erlang_c_wait_s(4, 30.0, 0.1), rel=0.08)  # 0.1 + 0.509 / 10 = 0.151 s
+    assert np.mean(fixed.in_system) == pytest.approx(30.0 * w_s, rel=0.08)  # L = lambda W
+
+
+def test_same_seed_same_run() -> None:
+    stages = [StageModel(f"s{i}", 5.0, 10.0, 4, max_replicas=8) for i in range(3)]
+
+    def run(seed: int) -> dict:
+        times = arrivals(Workload("diurnal", 20.0, 120.0, period_s=120.0, cv=2.0), 240.0, seed)
+        config = PolicyConfig(stages=policy_stages(stages))
+        return summarize(simulate(stages, times, Coordinated(config), 240.0, SimConfig(service_cv=0.3, seed=seed)), 500)
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_workload_rates() -> None:
+    times = arrivals(Workload("step", 10.0, 50.0, change_s=100.0), 200.0, seed=0)
+    before, after = np.sum(times < 100), np.sum(times >= 100)
+    assert before == pytest.approx(10 * 100, rel=0.1)  # 10/s for 100 s
+    assert after == pytest.approx(50 * 100, rel=0.1)  # 50/s for 100 s
+    bursty = np.diff(arrivals(Workload("bursty", 100.0, cv=4.0), 600.0, seed=0))
+    assert np.std(bursty) / np.mean(bursty) == pytest.approx(4.0, rel=0.2)
+
+
+@pytest.mark.parametrize(
+    ("desired", "current", "up", "down", "expected"),
+    [
+        (10.0, 4, 1.0, 1.0, 10),  # ceil(4 + 1.0 * (10 - 4)) = 10
+        (10.0, 4, 0.5, 1.0, 7),  # ceil(4 + 0.5 * 6) = 7
+        (3.0, 4, 1.0, 0.1, 3),  # ceil(4 + 0.1 * (3 - 4)) = 4 = current: unstuck to 3
+        (2.5, 0, 1.0, 1.0, 3),  # from zero: ceil(2.5)
+    ],
+)
+def test_ray_scaling_factors(desired, current, up, down, expected) -> None:
+    config = RayDefaultConfig(upscaling_factor=up, downscaling_factor=down)
+    assert scaled_replicas(desired, current, config) == expected
+
+
+# Four stages, batches of 8, full-batch times 170/250/210/130 ms: 47, 32, 38, 62 requests/s per replica;
+# at most 16 replicas each, so the pipeline's capacity is 16 * 32 = 512 requests/s.
+PER_SAMPLE_MS = [20.0, 30.0, 25.0, 15.0]
+CAPACITY = 512.0
+
+
+def four_stages(start_rate_per_s: float) -> list[StageModel]:
+    """Started at the replicas the starting rate needs at 70% utilisation (as ``--initial-replicas auto``)."""
+    stages = [StageModel(f"stage-{i}", 10.0, ms, 8, max_replicas=16) for i, ms in enumerate(PER_SAMPLE_MS)]
+    return with_initial_replicas(stages, "auto", start_rate_per_s, 0.7)
+
+
+def compare(workload: Workload, duration_s: float, step_s: float | None) -> dict[str, dict]:
+    """Both policies on Serve's metrics path (its defaults) with 0 s upscale and 120 s downscale delays."""
+    stages = four_stages(workload.rate_per_s)
+    times = arrivals(workload, duration_s, seed=0)
+    specs = policy_stages(stages)
+    names = [s.name for s in stages]
+    ours = PolicyConfig(stages=specs, upscale_delay_s=0.0, downscale_delay_s=120.0)
+    ray = RayDefaultConfig(upscale_delay_s=0.0, downscale_delay_s=120.0)
+    return {
+        c.name: summarize(simulate(stages, times, c, duration_s, SimConfig(startup_s=10.0)), SLO_MS, step_s)
+        for c in (Coordinated(ours, ServeMetrics(names)), RayDefault(specs, ray, ServeMetrics(names)))
+    }
+
+
+@pytest.mark.slow  # 20 simulated minutes of both policies at up to 80% of capacity
+def test_step_recovers_sooner_at_no_more_cost() -> None:
+    # partserve simulate --service-ms 170,250,210,130 --initial-replicas auto --compare --upscale-delay-s 0
+    #   --ray-upscale-delay-s 0 --downscale-delay-s 120 --ray-downscale-delay-s 120 --json
+    report = compare(Workload("step", 0.1 * CAPACITY, 0.8 * CAPACITY, change_s=300.0), 1200.0, 300.0)
+    ours, ray = report["coordinated"], report["ray-default"]
+    ray_recovery = ray["recovery_s"] if ray["recovery_s"] is not None else 900.0
+    assert ours["recovery_s"] is not None
+    assert 1.5 * ours["recovery_s"] <= ray_recovery  # measured: 60 s against 130 s
+    assert ours["replica_seconds"] <= ray["replica_seconds"]  # measured: 47760 against 56843
+
+
+def test_bursty_meets_the_slo_at_no_more_cost() -> None:
+    # partserve simulate --service-ms 170,250,210,130 --initial-replicas auto --compare --upscale-delay-s 0
+    #   --ray-upscale-delay-s 0 --downscale-delay-s 120 --ray-downscale-delay-s 120 --workload bursty --rate 30%
+    #   --duration-s 600 --json
+    report = compare(Workload("bursty", 0.3 * CAPACITY, cv=4.0), 600.0, None)
+    ours, ray = report["coordinated"], report["ray-default"]
+    assert ours["slo_attainment"] >= ray["slo_attainment"]  # measured: 0.989 against 0.655
+    assert ours["replica_seconds"] <= ray["replica_seconds"]  # measured: 15980 against 27080
+
+
+def test_budget_below_demand_balances_throughputs() -> None:
+    # 40 GPUs for a demand of 600 requests/s, above the ~420/s that 40 replicas can carry.
+    stages = [StageModel(f"stage-{i}", 10.0, ms, 8, max_replicas=32) for i, ms in enumerate(PER_SAMPLE_MS)]
+    times = arrivals(Workload("bursty", 600.0, cv=1.0), 60.0, seed=0)
+    controller = Coordinated(PolicyConfig(stages=policy_stages(stages), gpu_budget=40.0))
+    result = simulate(stages, times, controller, 60.0, SimConfig(startup_s=5.0, gpu_budget=40.0, drain_s=0.0))
+    final = result.replicas[-1]
+    throughput = final * np.array([s.rate_per_s for s in stages])
+    assert final.sum() <= 40
+    assert throughput.max() <= 1.1 * throughput.min()  # measured: r = 9, 13, 11, 7 -> 424, 416, 419, 431 /s
+
+
+def test_time_weighted_mean_holds_the_last_point_until_now() -> None:
+    # 4 for 6 s, 10 for 6 s, 1 for the 3 s since: (24 + 60 + 3) / 15 = 5.8
+    assert time_weighted_mean([(0.0, 4.0), (6.0, 10.0), (12.0, 1.0)], 15.0) == pytest.approx(5.8)
+    assert time_weighted_mean([(3.0, 7.0)], 9.0) == 7.0
+    assert time_weighted_mean([], 9.0) == 0.0
+
+
+def snapshot(t: float, arrived: int, queued: int) -> Snapshot:
+    stage = StageSnapshot(queued, 0, target=1, ready=1, completed=0, busy_s=0.0, full_ms=0.0, full_batches=0)
+    return Snapshot(time_s=t, arrived=arrived, stages=(stage,))
+
+
+def test_serve_metrics_record_push_and_look_back() -> None:
+    """At Serve's defaults a source records every min(0.2 x 30, 10) = 6 s and pushes every 10 s; the controller
+    holds the last push: points at most 30 s old at push time, nothing newer."""
+    metrics = ServeMetrics(["s"], ServeMetricsConfig(), seed=0)
+    assert metrics.config.record_interval_s == 6.0
+    views = []
+    for t in range(0, 80):
+        views.append(metrics.view(snapshot(float(t), arrived=10 * t, queued=t)))
+    entrance, (stage,) = views[-1]
+    arrived = entrance.raw["arrived"][0]
+    pushed_at = metrics.entrance.next_push - 10.0
+    assert [round(b[0] - a[0]) for a, b in zip(arrived, arrived[1:])] == [6] * (len(arrived) - 1)
+    assert all(pushed_at - 30.0 <= t <= pushed_at for t, _ in arrived)
+    assert 79.0 - arrived[-1][0] < 6.0 + 10.0  # the newest point: at most a record and a push interval old
+    assert all(v == 10 * t for t, v in arrived)  # a counter, read exactly at each record
+    queued = stage.raw["queued"][0]
+    assert stage.total_requests == pytest.approx(time_weighted_mean(metrics.handles[0].series("ongoing"), 79.0))
+    assert queued[-1][1] == queued[-1][0]  # the replica's own gauge at its record time
+    assert stage.total_requests < 79  # a window mean of a rising queue lags the count of now
+
+
+def test_whole_model_runs_the_stages_back_to_back() -> None:
+    stages = four_stages(51.2)
+    whole = whole_model(stages, max_replicas=49)
+    assert whole.full_batch_ms == pytest.approx(sum(s.full_batch_ms for s in stages))  # 170 + 250 + 210 + 130
+    assert whole.gpu_fraction == pytest.approx(4.0)
+    result = simulate([whole], arrivals(Workload("bursty", 20.0), 60.0, 0), RayDefault(policy_stages([whole])), 60.0)
+    assert result.gpu_seconds == pytest.approx(4.0 * result.replica_seconds)

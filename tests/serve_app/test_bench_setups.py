@@ -1,0 +1,69 @@
+"""The baselines of ``partserve bench --compare`` run on the terms partserve runs on (no Ray started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.app import AppArgs, batch_wait_s
+from serve_app.bench import setup_configs, summary
+from tests.serve_fixtures import PlannedModel
+
+
+def test_baselines_get_partserves_batch_threads_and_log(mlp: PlannedModel) -> None:
+    args = AppArgs(plan_uri=mlp.uri, num_cpus=0)
+    configs = setup_configs(mlp.plan, args, cores=2)
+    whole, chain, mine = configs["serve-whole"], configs["serve-chain"], configs["partserve"]
+    # The whole model's replica gets every core, and as many torch threads, as num_cpus gives it.
+    assert (whole.torch_threads, whole.replica_cpus) == (2, 2.0)
+    # It batches like partserve's entrance: same samples per batch, same wait.
+    assert (whole.max_batch_size, whole.batch_wait_s) == (mine.max_batch_size, mine.batch_wait_s)
+    assert mine.max_batch_size == mlp.plan.batch_size and mine.batch_wait_s == batch_wait_s(mlp.plan, args)
+    # The chain's stages batch, wait and thread as partserve's stages; max_ongoing_requests 2x the batch.
+    assert (chain.stage_max_batch_size, chain.stage_batch_wait_s) == (mine.stage_max_batch_size, 0.0)
+    assert chain.torch_threads == mine.torch_threads == 1  # num_cpus 0: Ray's one thread per replica
+    assert chain.max_ongoing_requests == 2 * mine.max_batch_size
+    assert not any(c.access_log for c in configs.values())
+    # Options that change partserve change the baselines with it.
+    more = setup_configs(mlp.plan, AppArgs(plan_uri=mlp.uri, torch_threads=2, max_batch_size=4, access_log=True), 2)
+    assert more["serve-chain"].torch_threads == 2 and more["serve-whole"].max_batch_size == 4
+    assert all(c.access_log for c in more.values())
+    assert set(whole.row()) == {f"cfg_{k}" for k in whole.__dataclass_fields__ if k != "setup"}
+
+
+def row(setup: str, level: int, tput: float, p50: float, p99: float, mode: str = "closed") -> dict[str, object]:
+    path = "in-process" if mode.startswith("bound") else "handle"
+    return {
+        "setup": setup,
+        "path": path,
+        "mode": mode,
+        "level": level,
+        "throughput_samples_per_s": tput,
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+
+
+def test_summary_compares_at_equal_load_and_under_the_slo() -> None:
+    rows = [
+        row("torch", 8, 100.0, 80.0, float("nan"), "bound"),
+        row("torch-stages", 8, 90.0, 88.0, float("nan"), "bound"),
+        row("torch-stages", 1, 25.0, 40.0, float("nan"), "bound-latency"),
+        row("serve-whole", 1, 20.0, 50.0, 60.0),
+        row("serve-whole", 16, 60.0, 250.0, 300.0),
+        row("serve-chain", 1, 18.0, 55.0, 70.0),
+        row("serve-chain", 16, 30.0, 500.0, 900.0),
+        row("partserve", 1, 22.0, 44.0, 50.0),
+        row("partserve", 16, 66.0, 240.0, 400.0),
+    ]
+    s = summary(rows)
+    best = {r["setup"]: r for r in s["best"]}
+    assert best["partserve"]["vs_torch"] == pytest.approx(0.66)  # 66 / 100
+    assert best["partserve"]["vs_serve_chain"] == pytest.approx(2.2)  # 66 / 30
+    (one, sixteen) = s["at_level"]
+    assert one["partserve_vs_serve_whole"] == pytest.approx(1.1)  # 22 / 20, at the same level
+    assert sixteen["partserve_vs_serve_whole"] == pytest.approx(1.1)  # 66 / 60
+    assert s["slo_ms"] == pytest.approx(320.0)  # 4 x the torch bound's 80 ms batch
+    assert s["slo"]["partserve"]["throughput_samples_per_s"] == 22.0  # p99 400 > 320 at 16 in flight
+    assert s["slo"]["serve-whole"]["throughput_samples_per_s"] == 60.0
+    assert s["idle"]["vs_stages_in_process"] == pytest.approx(1.1)  # 44 / 40
+    assert s["idle"]["vs_serve_whole"] == pytest.approx(0.88)  # 44 / 50
