@@ -69,7 +69,7 @@ def served(serve_instance: str, dags: dict[str, PlannedModel]) -> Iterator[Serve
         name: AppArgs(plan_uri=model.uri, model_name=name, num_cpus=0, batch_wait_timeout_s=0.002)
         for name, model in dags.items()
     }
-    with serve_apps(serve_instance, apps, timeout_s=120) as url:
+    with serve_apps(serve_instance, apps) as url:  # 17 replicas: minutes on a loaded 2-core machine
         yield Served(url, dags)
 
 
