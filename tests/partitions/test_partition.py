@@ -98,6 +98,7 @@ def test_file_uri_and_dynamic_batch(tmp_path) -> None:
     assert np.isfinite(out["output"]).all()
 
 
+@pytest.mark.slow  # imports transformers, exports a BERT
 def test_bert_from_config_with_attention_mask(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
     model_dir = tmp_path / "bert"

@@ -38,6 +38,7 @@ def plan_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return out
 
 
+@pytest.mark.slow  # a process; tests/partserve/test_deploy_commands.py runs build in this one
 def test_build_writes_a_config_serve_deploy_accepts(mlp: PlannedModel, tmp_path: Path) -> None:
     plan_dir = mlp.uri
     out = tmp_path / "serve_config.yaml"
