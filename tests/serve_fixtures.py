@@ -16,8 +16,6 @@ from partitions.source import ModelSource, load_model
 
 MLP = ("demo-mlp", {})
 TRANSFORMER = ("demo-transformer", {"layers": 3, "width": 64, "seq_len": 16})
-TWO_TOWER = ("demo-two-tower", {"width": 256, "depth": 2})
-"""Two inputs; planned for latency its towers become parallel stages joined by a third (a DAG plan)."""
 
 
 @dataclass

@@ -52,7 +52,9 @@ SETUP = TwinSetup(
 )
 RATE_PER_S = 30.0
 """Offered load from LOAD_ON_S to LOAD_OFF_S: more than one replica of any stage carries."""
-LOAD_ON_S, LOAD_OFF_S, RUN_S = 3.0, 18.0, 30.0
+LOAD_ON_S, LOAD_OFF_S, RUN_S = 1.0, 11.0, 13.0
+"""Seconds into a run. Targets rise within about 5 s of the load (1 s upscale delay, 2 s look-back), so 10 s of
+load shows every rise; the fall is awaited after the run (``DOWN_S``)."""
 DOWN_S = 240.0
 """Generous bound for a loaded 2-core machine: every target back at 1 within this after the run."""
 REPORT_FIELDS = {

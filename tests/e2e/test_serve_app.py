@@ -1,7 +1,7 @@
 """The served pipeline end to end on the session's Ray + Serve (4 logical GPUs, no CUDA needed).
 
-Three applications: ``mlp`` at ``/`` (stages reserve their planned GPU shares), ``transformer`` at
-``/transformer`` (int64 input, CPU only) and ``tower`` at ``/tower`` (two inputs, a DAG plan).
+Two applications: ``mlp`` at ``/`` (stages reserve their planned GPU shares) and ``transformer`` at
+``/transformer`` (int64 input, CPU only). A model of two inputs (a DAG plan) is served in test_serve_dag.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from serve_app import codecs
 from serve_app.app import AppArgs, build_app
 from serve_app.tensors import BadRequest, oip_datatype
 from tests import REPO
-from tests.serve_fixtures import TRANSFORMER, TWO_TOWER, PlannedModel, Planner, rel_err
+from tests.serve_fixtures import TRANSFORMER, PlannedModel, Planner, rel_err
 from tests.serve_session import delete_apps
 
 pytestmark = pytest.mark.slow
@@ -41,34 +41,26 @@ class Served:
     url: str
     mlp: PlannedModel
     transformer: PlannedModel
-    tower: PlannedModel
 
 
 @pytest.fixture(scope="module")
 def served(serve_instance: str, mlp: PlannedModel, planned: Planner) -> Iterator[Served]:
     transformer = planned(TRANSFORMER)
-    tower = planned(TWO_TOWER, objective="latency")
     url = serve_instance
     port = int(url.rsplit(":", 1)[1])
     try:
-        # Deploy the others in the background while local.start deploys the MLP.
+        # Deploy the transformer in the background while local.start deploys the MLP.
         args = AppArgs(plan_uri=transformer.uri, num_cpus=0, max_batch_size=4, batch_wait_timeout_s=0.002)
         serve.run_many(
-            [
-                serve.RunTarget(build_app(args), name="transformer", route_prefix="/transformer"),
-                serve.RunTarget(
-                    build_app(AppArgs(plan_uri=tower.uri, num_cpus=0)), name="tower", route_prefix="/tower"
-                ),
-            ],
+            [serve.RunTarget(build_app(args), name="transformer", route_prefix="/transformer")],
             wait_for_applications_running=False,
         )
         local.start(mlp.uri, name="mlp", port=port, num_cpus=0, gpus=True, max_body_bytes=MAX_BODY, model_name="mlp")
         local.wait_ready(url, 60)
         local.wait_ready(f"{url}/transformer", 120)
-        local.wait_ready(f"{url}/tower", 120)
-        yield Served(url, mlp, transformer, tower)
+        yield Served(url, mlp, transformer)
     finally:
-        delete_apps(["mlp", "transformer", "tower"])
+        delete_apps(["mlp", "transformer"])
 
 
 def infer_url(served: Served, app: str) -> str:
@@ -136,30 +128,6 @@ def test_http_formats_match_whole_model(served: Served, app: str) -> None:
     assert len(first) < len(jobs), "no two requests were ever batched together"
     stats = serve.get_deployment_handle("stage-0", app).record_autoscaling_stats.remote().result()
     assert stats["full_batch_ms"] > 0
-
-
-def test_dag_plan_with_two_inputs(served: Served) -> None:
-    model = served.tower
-    assert not model.plan.is_chain, "the planner made a chain: this test wants parallel stages"
-    url = f"{served.url}/tower/v2/models/demo-two-tower/infer"
-    inputs = [model.sample(n, seed=n) for n in (1, 4, 6)]
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        by_json = list(pool.map(lambda x: post_json(url, x), inputs))
-        by_arrow = list(pool.map(lambda x: post_arrow(url, x), inputs))
-    handle = serve.get_app_handle("tower")
-    by_handle = [r.result() for r in [handle.infer.remote(x) for x in inputs]]
-    for x, *answers in zip(inputs, by_json, by_arrow, by_handle):
-        want = model.reference(x)["output"]
-        # Concurrent requests share stage batches, and a GEMM's rounding depends on the batch; this model's
-        # one output per sample nearly cancels, so that rounding shows up to ~5e-6 relative (seen).
-        assert all(rel_err(got["output"], want) <= 1e-5 for got in answers)
-    one = {"query": inputs[0]["query"]}
-    r = httpx.post(url, json=oip_json(one))
-    assert r.status_code == 400 and "missing ['item']" in r.json()["error"]
-    buf = io.BytesIO()
-    np.save(buf, inputs[0]["query"])
-    r = httpx.post(url, content=buf.getvalue(), headers={"content-type": codecs.NPY})
-    assert r.status_code == 400 and "takes 2" in r.json()["error"]
 
 
 def test_metadata_and_stock_oip_client(served: Served) -> None:

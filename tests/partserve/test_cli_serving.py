@@ -25,17 +25,15 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.ports import free_port
 from tests import REPO
-from tests.serve_fixtures import PlannedModel
+from tests.serve_fixtures import PlannedModel, Planner
 
 CLI = [sys.executable, "-m", "partserve"]
 
 
 @pytest.fixture(scope="module")
-def plan_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("plans") / "mlp")
-    args = ["plan", "demo-mlp", "-O", "depth=2", "-O", "width=64", "--stages", "2", "--repeats", "1", "-o", out]
-    subprocess.run([*CLI, *args], cwd=REPO, check=True, capture_output=True, timeout=300)
-    return out
+def plan_dir(planned: Planner) -> str:
+    """A small MLP in two stages, planned in this process (``partserve plan`` as a process: test_cli.py)."""
+    return planned(("demo-mlp", {"depth": 2, "width": 64}), stages=2).uri
 
 
 @pytest.mark.slow  # a process; tests/partserve/test_deploy_commands.py runs build in this one
