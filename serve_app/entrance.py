@@ -58,7 +58,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +68,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from partitions.artifacts import read_plan
+from partitions.dtypes import accepted_datatypes, is_float, oip_datatype
 from partitions.plan import Plan
 from partitions.runtime import outputs_of
 from partitions.types import Payload, TensorSpec
@@ -78,7 +79,7 @@ from serve_app.cache import ResultCache, input_key, plan_version
 from serve_app.config import EntranceConfig
 from serve_app.names import ARRIVED_METRIC, QUEUED_METRIC
 from serve_app.retry import DeadlineExceeded, Unavailable, call_with_retry, is_deadline
-from serve_app.tensors import BadRequest, check_inputs, describe, oip_datatype
+from serve_app.tensors import BadRequest, check_inputs, describe
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="partserve", docs_url=None, redoc_url=None)
@@ -87,8 +88,30 @@ TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 """HTTP header: the client's deadline for the request, in milliseconds (it may only shorten the server's)."""
 
 
-def _metadata(specs: list[TensorSpec]) -> list[dict[str, object]]:
-    return [{"name": t.name, "datatype": oip_datatype(t.dtype), "shape": list(t.shape)} for t in specs]
+def _metadata(
+    specs: list[TensorSpec], parameters: Callable[[TensorSpec], dict[str, object]]
+) -> list[dict[str, object]]:
+    """OIP tensor metadata of ``specs``, with ``parameters(spec)`` where it says anything."""
+    out: list[dict[str, object]] = []
+    for t in specs:
+        meta: dict[str, object] = {"name": t.name, "datatype": oip_datatype(t.dtype), "shape": list(t.shape)}
+        if params := parameters(t):
+            meta["parameters"] = params
+        out.append(meta)
+    return out
+
+
+def _input_parameters(spec: TensorSpec) -> dict[str, object]:
+    """What a half-precision input also takes: FP32, cast at the entrance."""
+    taken = accepted_datatypes(spec.dtype)
+    return {"accepted_datatypes": taken, "cast": f"FP32 is cast to {taken[0]} at the entrance"} if taken[1:] else {}
+
+
+def _output_parameters(spec: TensorSpec) -> dict[str, object]:
+    """The datatypes a half-precision output comes in: its own, or FP32 when the request asks for it (OIP
+    ``parameters.output_datatype`` or the ``X-Output-Datatype`` header)."""
+    own = oip_datatype(spec.dtype)
+    return {"output_datatypes": [own, "FP32"]} if is_float(spec.dtype) and own != "FP32" else {}
 
 
 async def run_stages(
@@ -371,8 +394,9 @@ class Entrance:
                 "name": self.model_name,
                 "versions": ["1"],
                 "platform": "pytorch_partserve",
-                "inputs": _metadata(self.plan.inputs),
-                "outputs": _metadata(self.plan.outputs),
+                "inputs": _metadata(self.plan.inputs, _input_parameters),
+                "outputs": _metadata(self.plan.outputs, _output_parameters),
+                "parameters": {"dtype": self.plan.dtype},
             }
         )
 
@@ -424,6 +448,8 @@ class Entrance:
             max_tensor_bytes=codecs.JSON_EXPANSION * self.max_body_bytes,
         )
         del body  # from here the request holds its tensors (a .npy body's tensor is a view of it)
+        req.output_datatype = req.output_datatype or request.headers.get(codecs.OUTPUT_DATATYPE_HEADER)
+        codecs.check_output_datatype(req, self.plan.outputs)
         payload = check_inputs(self.plan.inputs, req.arrays)
         req.arrays = {}
         held.set(sum(a.nbytes for a in payload.values()))
