@@ -13,6 +13,7 @@ import torch
 from partitions import artifacts
 from partitions.capture import CapturedGraph, capture
 from partitions.costs import NodeCost, measure_ms, profile
+from partitions.dtypes import PLAN_DTYPES
 from partitions.errors import PlanError
 from partitions.plan import Artifact, Plan, Stage
 from partitions.planner import Objective, Partition, Problem, solve
@@ -75,6 +76,8 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
         torch.set_num_threads(opts.threads)
     batch_size = next(iter(source.example_inputs.values())).shape[0]
     if opts.dtype is not None:
+        if opts.dtype not in PLAN_DTYPES:
+            raise PlanError(f"dtype {opts.dtype!r} cannot be planned", f"pass one of {', '.join(PLAN_DTYPES)}")
         source = source.to_dtype(opts.dtype)
     report("capture", 0, 1)
     cg = capture(source)

@@ -4,7 +4,8 @@ HTTP (the app's route prefix, usually ``/``):
 
 * ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``: server liveness, readiness, metadata.
 * ``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``: model metadata (inputs/outputs with name,
-  datatype such as ``FP32``, shape with -1 for the batch) and readiness.
+  datatype such as ``FP32``, shape with -1 for the batch; for a half-precision plan, the datatypes an input
+  also takes, ``FP32`` cast here, and those an output comes in) and readiness.
 * ``POST /v2/models/{name}/infer``: OIP JSON (and its binary extension), ``.npy`` or Arrow IPC; see
   :mod:`serve_app.codecs`. The answer uses the request's format.
 
