@@ -80,7 +80,7 @@ from serve_app.cache import ResultCache, input_key, plan_version
 from serve_app.config import EntranceConfig
 from serve_app.names import ARRIVED_METRIC, QUEUED_METRIC
 from serve_app.retry import DeadlineExceeded, Unavailable, call_with_retry, is_deadline
-from serve_app.tensors import BadRequest, check_inputs, describe
+from serve_app.tensors import BadRequest, check_inputs, describe, from_wire, to_wire
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="partserve", docs_url=None, redoc_url=None)
@@ -120,7 +120,8 @@ async def run_stages(
 ) -> dict[str, np.ndarray]:
     """Call every stage at once, each on the (not yet computed) responses of the stages it reads from (a
     first stage: on the model inputs it reads), then await the stages no other stage reads from:
-    intermediates go stage to stage through the object store.
+    intermediates go stage to stage through the object store (bfloat16 as raw words, which it passes without
+    a copy: :func:`~serve_app.tensors.to_wire`).
 
     ``deadline_s`` (``time.time()`` seconds) goes with every stage call; when it passes first, this raises
     :class:`DeadlineExceeded`. Whatever ends the wait (that, an error, a cancellation), the stage calls
@@ -130,7 +131,7 @@ async def run_stages(
     try:
         for stage in plan.stages:
             sources: list[DeploymentResponse | Payload] = [responses[j] for j in stage.after] or [
-                {name: payload[name] for name in stage.reads}
+                to_wire({name: payload[name] for name in stage.reads})
             ]
             response = stages[stage.index].remote(*sources, **extra)
             assert isinstance(response, DeploymentResponse)  # not a generator: stage handles do not stream
@@ -150,7 +151,7 @@ async def run_stages(
     merged: Payload = {}
     for outputs in sent:
         merged.update(outputs)
-    return outputs_of(plan, merged)
+    return from_wire(outputs_of(plan, merged), plan.outputs)
 
 
 @dataclass(frozen=True)

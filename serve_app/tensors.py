@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from partitions.dtypes import accept, accepted_datatypes, oip_datatype
+from partitions.dtypes import BFLOAT16, accept, accepted_datatypes, from_words, oip_datatype, words
 from partitions.types import BATCH, Payload, TensorSpec
 
 
@@ -53,4 +53,21 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) 
         out[spec.name] = np.ascontiguousarray(taken)
     if len(batches) > 1:
         raise BadRequest(f"inputs have different batch sizes {sorted(batches)}; {expected}")
+    return out
+
+
+def to_wire(payload: Payload) -> Payload:
+    """``payload`` for Ray's object store: bfloat16 arrays as their raw words (``uint16``, the same memory),
+    which Ray passes without a copy (ml_dtypes' arrays it pickles in-band, copying them twice);
+    :func:`from_wire` reads them back."""
+    return {k: words(v) if v.dtype == BFLOAT16 else v for k, v in payload.items()}
+
+
+def from_wire(payload: Payload, specs: Sequence[TensorSpec]) -> Payload:
+    """``payload`` with the entries that ``specs`` name in their dtypes again (:func:`to_wire`); the others as
+    they are (a stage passes on what it carries untouched)."""
+    out = dict(payload)
+    for spec in specs:
+        if spec.name in out and (typed := from_words(out[spec.name], spec.dtype)) is not None:
+            out[spec.name] = typed
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 
 import ml_dtypes
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from partitions.dtypes import BFLOAT16, OIP_DATATYPES, from_oip, np_dtype, oip_datatype
 from partitions.types import TensorSpec
 from serve_app import codecs
-from serve_app.tensors import BadRequest, check_inputs
+from serve_app.tensors import BadRequest, check_inputs, from_wire, to_wire
 
 DTYPES = list(OIP_DATATYPES)
 ARROW_DTYPES = [n for n in DTYPES if n != "bool"]
@@ -168,3 +169,14 @@ def test_output_datatype_is_checked_against_the_outputs() -> None:
 def test_arrow_half_columns_are_halffloat() -> None:
     schema = pa.ipc.open_stream(codecs.encode_arrow({"x": sample("float16")})).schema
     assert schema.field("x").type.value_type == pa.float16()
+
+
+def test_bf16_crosses_the_object_store_as_words() -> None:
+    x = sample("bfloat16")
+    wire = to_wire({"x": x, "n": np.arange(3)})
+    buffers: list[pickle.PickleBuffer] = []
+    pickle.dumps(wire, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == 2  # both out of band, as Ray passes numpy arrays without a copy
+    assert len(pickle.dumps({"x": x}, protocol=5, buffer_callback=buffers.append)) > x.nbytes  # in-band
+    back = from_wire(wire, spec("bfloat16"))
+    assert same(back["x"], x) and back["n"] is wire["n"]
