@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from partitions.artifacts import read_plan
+from partitions.compress.api import calibration_inputs, compress
 from partitions.dtypes import BFLOAT16
 from partitions.errors import PlanError
 from partitions.partition import PlanOptions, build_plan
@@ -78,6 +79,17 @@ def test_fp16_on_cpu_plans_or_names_cuda(tmp_path) -> None:
         return
     assert plan.dtype == "float16"
     assert verify(uri).passed
+
+
+def test_compressed_bf16_model_plans_and_verifies(tmp_path) -> None:
+    source = load_model(*TRANSFORMER, batch_size=4)
+    compress(source, calibration_inputs(source, None, 8, 0), quantization="bf16", repeats=1, output=str(tmp_path / "c"))
+    plan = plan_in((str(tmp_path / "c"), {}), None, str(tmp_path / "plan"))
+    assert plan.dtype == "bfloat16"  # the model's own: its weights are bf16
+    assert [t.dtype for t in plan.inputs] == ["int64"] and [t.dtype for t in plan.outputs] == ["float32"]
+    assert any(t.dtype == "bfloat16" for s in plan.stages for t in s.computed)
+    report = verify(str(tmp_path / "plan"))
+    assert report.passed and report.tolerance == SAME_DTYPE_TOLERANCE["bfloat16"], report.to_json()
 
 
 @pytest.mark.slow  # imports transformers, exports a Llama
