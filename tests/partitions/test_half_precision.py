@@ -32,7 +32,9 @@ def plan_in(model: tuple[str, dict], dtype: str | None, uri: str, stages: int = 
     return build_plan(load_model(spec, options, batch_size=4), uri, PlanOptions(stages=stages, dtype=dtype, **FAST))
 
 
-@pytest.mark.parametrize("model", [MLP, TRANSFORMER], ids=["mlp", "transformer"])
+@pytest.mark.parametrize(
+    "model", [MLP, pytest.param(TRANSFORMER, marks=pytest.mark.slow)], ids=["mlp", "transformer"]
+)  # the transformer: two plans and a verify, ~15 s
 def test_bf16_plan_halves_the_weights_and_verifies(model: tuple[str, dict], tmp_path) -> None:
     fp32 = plan_in(model, None, str(tmp_path / "fp32"))
     uri = str(tmp_path / "bf16")
@@ -81,6 +83,7 @@ def test_fp16_on_cpu_plans_or_names_cuda(tmp_path) -> None:
     assert verify(uri).passed
 
 
+@pytest.mark.slow  # compresses (timing both models), plans and verifies
 def test_compressed_bf16_model_plans_and_verifies(tmp_path) -> None:
     source = load_model(*TRANSFORMER, batch_size=4)
     compress(source, calibration_inputs(source, None, 8, 0), quantization="bf16", repeats=1, output=str(tmp_path / "c"))
