@@ -31,10 +31,10 @@ import numpy as np
 
 from cluster import local
 from partitions.artifacts import read_plan
+from partitions.dtypes import oip_datatype
 from partitions.inputs import random_inputs
 from serve_app.loadgen import closed_loop, open_loop
 from serve_app.ports import free_port
-from serve_app.tensors import oip_datatype
 
 MIB = 2**20
 

@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from partitions.dtypes import name_of
 from partitions.errors import ModelError
 from partitions.source import ModelSource
 from partitions.types import BATCH, TensorSpec
@@ -155,7 +156,7 @@ def _tensor_spec(name: str, node: fx.Node, batch_symbol: str | None) -> TensorSp
             return None
     if dims[0] != BATCH:
         return None
-    return TensorSpec(name, tuple(dims), str(val.dtype).removeprefix("torch."))
+    return TensorSpec(name, tuple(dims), name_of(val.dtype))
 
 
 def _classify(gm: fx.GraphModule, batch_symbol: str | None) -> dict[str, NodeClass]:

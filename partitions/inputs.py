@@ -25,7 +25,7 @@ def random_inputs(
         shape = tuple(batch if d == BATCH else d for d in spec.shape)
         if spec.name in ranges:
             low, high = ranges[spec.name]
-            out[spec.name] = rng.integers(low, high, size=shape).astype(spec.dtype)
+            out[spec.name] = rng.integers(low, high, size=shape).astype(spec.np_dtype)
         else:
-            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            out[spec.name] = rng.standard_normal(shape).astype(spec.np_dtype)
     return out

@@ -13,6 +13,7 @@ import torch
 from partitions import artifacts
 from partitions.capture import CapturedGraph, capture
 from partitions.costs import NodeCost, measure_ms, profile
+from partitions.dtypes import PLAN_DTYPES
 from partitions.errors import PlanError
 from partitions.plan import Artifact, Plan, Stage
 from partitions.planner import Objective, Partition, Problem, solve
@@ -44,6 +45,9 @@ class PlanOptions:
     threads: int | None = None
     """torch intra-op threads while profiling on CPU; match the stage replicas' (Ray gives each one thread
     per reserved CPU, at least one). None: torch's default."""
+    dtype: str | None = None
+    """Weights and float activations in this dtype (``float32``, ``float16``, ``bfloat16``): the model and its
+    float inputs are cast before capture, so costs, memory and shards are all in it. None: the model's own."""
 
 
 def problem_of(cg: CapturedGraph, costs: list[NodeCost], batch_size: int, opts: PlanOptions) -> Problem:
@@ -71,6 +75,10 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
     if opts.threads:
         torch.set_num_threads(opts.threads)
     batch_size = next(iter(source.example_inputs.values())).shape[0]
+    if opts.dtype is not None:
+        if opts.dtype not in PLAN_DTYPES:
+            raise PlanError(f"dtype {opts.dtype!r} cannot be planned", f"pass one of {', '.join(PLAN_DTYPES)}")
+        source = source.to_dtype(opts.dtype)
     report("capture", 0, 1)
     cg = capture(source)
     report("capture", 1, 1)
@@ -80,6 +88,7 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
             f"pass --stages {len(cg.units)} or fewer",
         )
     source.module.to(device)
+    check_kernels(source, device)
     inputs = [x.to(device) for x in source.example_inputs.values()]
     passes = opts.warmup + opts.repeats
     costs = profile(cg, inputs, device, opts.repeats, opts.warmup, lambda i: report("profile", i, passes))
@@ -112,11 +121,27 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
             **_chain_alternative(cg, costs, batch_size, opts),
         },
         objective=opts.objective,
+        dtype=source.dtype,
     )
     problems = plan.problems()
     assert not problems, problems
     artifacts.write_plan(uri, plan)
     return plan
+
+
+def check_kernels(source: ModelSource, device: torch.device) -> None:
+    """Run the model once in its dtype on ``device``; a dtype torch has no kernels for there (float16 on some
+    CPUs) is a :class:`PlanError` naming the fix. Float32 models are not run."""
+    if source.dtype == "float32":
+        return
+    try:
+        source.forward({k: v.to(device) for k, v in source.example_inputs.items()})
+    except (RuntimeError, NotImplementedError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise PlanError(
+            f"torch {torch.__version__} cannot run {source.spec} in {source.dtype} on {device} ({first})",
+            "plan it with --device cuda, or with --dtype bfloat16" if device.type == "cpu" else "use --dtype float32",
+        ) from exc
 
 
 def _refine(

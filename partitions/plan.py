@@ -82,6 +82,8 @@ class Plan:
     summary: dict[str, Any]
     objective: str = "throughput"
     """What the planner optimised: ``throughput`` (bottleneck) or ``latency`` (critical path)."""
+    dtype: str = "float32"
+    """dtype name of the weights and float activations (``partserve plan --dtype``; :mod:`partitions.dtypes`)."""
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from partitions.artifacts import decode_stage, read_plan, read_shard
+from partitions.dtypes import to_numpy, to_torch
 from partitions.plan import Plan
 from partitions.types import Payload
 
@@ -45,10 +46,10 @@ class StageRunner:
         self.output_names = [t.name for t in self.stage.computed]
 
     def _rebuild_children(self) -> list[nn.Module]:
-        from partitions.source import load_model
+        from partitions.source import plan_model
 
         with torch.device("meta"):
-            source = load_model(self.plan.model["spec"], self.plan.model["options"], batch_size=1)
+            source = plan_model(self.plan, batch_size=1)
         return [source.module.get_submodule(name) for name in self.stage.artifact.children]
 
     def run_tensors(self, *args: torch.Tensor) -> list[torch.Tensor]:
@@ -61,13 +62,13 @@ class StageRunner:
         outs = self.run_tensors(*args)
         result: Payload = {name: payload[name] for name in self.stage.carried}
         for name, t in zip(self.output_names, outs):
-            result[name] = np.ascontiguousarray(t.detach().cpu().numpy())
+            result[name] = np.ascontiguousarray(to_numpy(t))
         return result
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         if not array.flags.writeable:  # a zero-copy view of Ray's object store: programs may write inputs
             array = array.copy()
-        t = torch.from_numpy(np.ascontiguousarray(array))
+        t = to_torch(np.ascontiguousarray(array))
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t

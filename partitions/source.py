@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from partitions.dtypes import name_of, torch_dtype
 from partitions.errors import ModelError, PartserveError
+from partitions.plan import Plan
 from partitions.zoo import SEED, ZOO
 
 DEFAULT_BATCH = 8
@@ -55,6 +57,26 @@ class ModelSource:
         if isinstance(out, dict) and len(out) == count:
             return [str(k) for k in out]
         return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+    @property
+    def dtype(self) -> str:
+        """The dtype name of most of the module's floating-point weights and buffers (float32 when none)."""
+        sizes: dict[str, int] = {}
+        for t in [*self.module.parameters(), *self.module.buffers()]:
+            if t.is_floating_point():
+                sizes[name_of(t.dtype)] = sizes.get(name_of(t.dtype), 0) + t.numel()
+        return max(sorted(sizes), key=sizes.__getitem__, default="float32")
+
+    def to_dtype(self, name: str) -> ModelSource:
+        """This source with its floating-point weights, buffers and example inputs in dtype ``name``
+        (``bfloat16``; the module is converted in place; nothing changes when :attr:`dtype` is ``name``);
+        integer inputs stay as they are."""
+        if name == self.dtype:
+            return self
+        dtype = torch_dtype(name)
+        self.module.to(dtype)
+        self.example_inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.example_inputs.items()}
+        return self
 
     def forward_flat(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Run the whole model and flatten its outputs as the captured graph does."""
@@ -116,6 +138,13 @@ def load_model(spec: str, options: dict[str, Any] | None = None, batch_size: int
     named = {k: _resize_batch(v, batch_size) for k, v in named.items()}
     ranges = {k: (int(v.min()), int(v.max()) + 1) for k, v in named.items() if not v.is_floating_point()}
     return ModelSource(spec, options, module, named, kind, ranges, takes_keywords(module, named))
+
+
+def plan_model(plan: Plan, batch_size: int | None = None) -> ModelSource:
+    """The model of ``plan`` as its stages run it: in the plan's dtype, with example inputs of ``batch_size``
+    samples (default: the plan's batch size)."""
+    source = load_model(plan.model["spec"], plan.model["options"], batch_size or plan.batch_size)
+    return source.to_dtype(plan.dtype)
 
 
 def import_callable(

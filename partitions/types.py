@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from partitions.dtypes import np_dtype
+
 Ms = float
 """Milliseconds."""
 Bytes = int
@@ -21,7 +23,8 @@ a response."""
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, shape (``BATCH`` = -1 for the batch dimension) and numpy dtype name of one tensor."""
+    """Name, shape (``BATCH`` = -1 for the batch dimension) and dtype name (:mod:`partitions.dtypes`) of one
+    tensor."""
 
     name: str
     shape: tuple[int, ...]
@@ -32,7 +35,11 @@ class TensorSpec:
         n = 1
         for d in self.shape:
             n *= 1 if d == BATCH else d
-        return n * np.dtype(self.dtype).itemsize
+        return n * self.np_dtype.itemsize
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np_dtype(self.dtype)
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}

@@ -1,6 +1,6 @@
 """Serve a partitioned model on Ray Serve: one deployment per stage behind an Open Inference Protocol entrance.
 
-* :mod:`serve_app.tensors`: datatype names and checks of request tensors against the plan.
+* :mod:`serve_app.tensors`: checks of request tensors against the plan (datatypes: :mod:`partitions.dtypes`).
 * :mod:`serve_app.codecs`: request/response bodies (OIP JSON and binary, ``.npy``, Arrow IPC).
 * :mod:`serve_app.stage`: the per-stage deployment with dynamic batching.
 * :mod:`serve_app.entrance`: the HTTP / Python-handle ingress that chains the stages.

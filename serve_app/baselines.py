@@ -26,8 +26,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from partitions.artifacts import read_plan
+from partitions.dtypes import to_numpy, to_torch
 from partitions.runtime import pick_device
-from partitions.source import load_model
+from partitions.source import plan_model
 from partitions.types import Payload
 from serve_app.batching import concat, split
 from serve_app.config import StageConfig
@@ -77,7 +78,7 @@ class WholeModel:
     def __init__(self, plan_uri: str, max_batch_size: int, batch_wait_timeout_s: float, torch_threads: int) -> None:
         torch.set_num_threads(torch_threads)
         plan = read_plan(plan_uri)
-        self.source = load_model(plan.model["spec"], plan.model["options"], plan.batch_size)
+        self.source = plan_model(plan)
         self.device = pick_device()
         self.source.module.to(self.device)
         self.input = plan.inputs[0].name
@@ -101,9 +102,9 @@ class WholeModel:
 
     def _forward(self, payload: Payload) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            inputs = {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in payload.items()}
+            inputs = {k: to_torch(np.array(v)).to(self.device) for k, v in payload.items()}
             outputs = self.source.forward_flat(inputs)
-            return {name: t.cpu().numpy() for name, t in zip(self.names, outputs)}
+            return {name: to_numpy(t) for name, t in zip(self.names, outputs)}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
@@ -124,11 +125,15 @@ class PlainChain:
 
 def whole_model_app(plan_uri: str, config: SetupConfig) -> Application:
     """:class:`WholeModel` with ``config``'s batch, wait, threads and CPUs."""
-    return as_deployment(WholeModel).options(
-        ray_actor_options={"num_cpus": config.replica_cpus},
-        max_ongoing_requests=config.max_ongoing_requests,
-        logging_config={"enable_access_log": config.access_log},
-    ).bind(plan_uri, config.max_batch_size, config.batch_wait_s, config.torch_threads)
+    return (
+        as_deployment(WholeModel)
+        .options(
+            ray_actor_options={"num_cpus": config.replica_cpus},
+            max_ongoing_requests=config.max_ongoing_requests,
+            logging_config={"enable_access_log": config.access_log},
+        )
+        .bind(plan_uri, config.max_batch_size, config.batch_wait_s, config.torch_threads)
+    )
 
 
 def plain_chain_app(plan_uri: str, config: SetupConfig) -> Application:

@@ -39,10 +39,11 @@ from ray.serve import Application
 
 from partitions.artifacts import read_plan
 from partitions.costs import measure_ms
+from partitions.dtypes import to_numpy
 from partitions.inputs import random_inputs
 from partitions.plan import Plan
 from partitions.runtime import load_pipeline, pick_device, run_pipeline
-from partitions.source import load_model
+from partitions.source import plan_model
 from serve_app.app import AppArgs, build_app, default_model_name, entrance_config, stage_config
 from serve_app.baselines import SetupConfig, plain_chain_app, whole_model_app
 from serve_app.loadgen import Call, RunResult, closed_loop, open_loop
@@ -97,12 +98,12 @@ def torch_bounds(
     with all cores (``mode: bound``), and the stages at ``samples_per_request`` with ``stage_threads``
     threads (``mode: bound-latency``). Throughput in samples/s, latency (median) in ms."""
     cores = os.cpu_count() or 1
-    source = load_model(plan.model["spec"], plan.model["options"], plan.batch_size)
+    source = plan_model(plan)
     device = pick_device()
     source.module.to(device)
     runners = load_pipeline(plan_uri, str(device))
     inputs = {k: v.to(device) for k, v in source.example_inputs.items()}
-    batch = {k: v.cpu().numpy() for k, v in inputs.items()}
+    batch = {k: to_numpy(v) for k, v in inputs.items()}
     one = random_inputs(plan.inputs, samples_per_request, 0, plan.input_ranges)
     rows: list[dict[str, object]] = []
 

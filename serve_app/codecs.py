@@ -8,6 +8,13 @@
 * ``application/vnd.apache.arrow.stream``: an Arrow IPC stream, one column per tensor, one row per sample;
   columns use the fixed-shape tensor extension type (plain columns for tensors of shape ``[-1]``).
 
+Datatypes (:mod:`partitions.dtypes`): OIP carries every one by name, ``BF16`` as raw little-endian 16-bit
+words in binary tensors (as Triton's clients send it) and as numbers in JSON. ``.npy`` and Arrow have no
+bfloat16: a bf16 input is sent as float32 (cast at the entrance) or as its raw words in ``uint16``; a bf16
+output comes as float32 unless the request asks for ``BF16`` (header ``X-Output-Datatype: BF16``), then as its
+raw words in ``uint16`` (``np.load(f).view(ml_dtypes.bfloat16)``). Any request may ask for ``FP32`` outputs
+(OIP ``"parameters": {"output_datatype": "FP32"}`` or the header).
+
 Decoding never trusts sizes in a header: every byte count is checked against the body, and every declared
 tensor size against ``max_tensor_bytes``, before allocating; compressed Arrow streams (whose decoded size
 the body does not bound) are refused. Nothing a client sends is unpickled: ``.npy`` is read with
@@ -38,8 +45,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from partitions.dtypes import from_oip, is_float, np_dtype, oip_datatype, wire_array
 from partitions.types import Payload, TensorSpec
-from serve_app.tensors import BadRequest, describe, numpy_dtype, oip_datatype
+from serve_app.tensors import BadRequest, describe
 
 JSON = "application/json"
 NPY = "application/x-npy"
@@ -62,6 +70,11 @@ JSON_WORKERS = 1
 time, on one core, whatever the number of such bodies in flight."""
 TIMEOUT_PARAMETER = "timeout_ms"
 """OIP request ``parameters`` key: the client's deadline for the request, in milliseconds."""
+OUTPUT_DATATYPE_PARAMETER = "output_datatype"
+"""OIP request ``parameters`` key: the datatype of the float outputs, ``FP32`` or the model's (see
+:func:`output_array`)."""
+OUTPUT_DATATYPE_HEADER = "X-Output-Datatype"
+"""HTTP header, for every format: the same as :data:`OUTPUT_DATATYPE_PARAMETER` (the parameter wins)."""
 MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
 """What parsing a malformed body raises, deep inside json, numpy or pyarrow: the client's fault."""
 
@@ -79,6 +92,9 @@ class InferRequest:
     """OIP: outputs to send as raw bytes after the JSON header (``"*"``: all of them)."""
     timeout_ms: int | None = None
     """OIP: the request's ``parameters.timeout_ms``, the client's deadline (None: not given)."""
+    output_datatype: str | None = None
+    """The datatype asked for the float outputs (``parameters.output_datatype`` or the ``X-Output-Datatype``
+    header): ``FP32`` or the model's own; None: the format's default (:func:`output_array`)."""
 
 
 @dataclass
@@ -184,8 +200,36 @@ def check_declared(name: str, shape: Sequence[int], dtype: np.dtype, max_tensor_
         )
 
 
+def output_datatypes(specs: Sequence[TensorSpec]) -> list[str]:
+    """What a request may ask for the float outputs of a model with outputs ``specs``: FP32, and the outputs'
+    own datatypes."""
+    own = [oip_datatype(s.dtype) for s in specs if is_float(s.dtype)]
+    return list(dict.fromkeys(["FP32", *own]))
+
+
+def check_output_datatype(req: InferRequest, specs: Sequence[TensorSpec]) -> None:
+    """400 unless ``req`` asks for a datatype of :func:`output_datatypes` (or none)."""
+    choices = output_datatypes(specs)
+    if req.output_datatype is not None and req.output_datatype not in choices:
+        raise BadRequest(
+            f"output datatype {req.output_datatype[:20]!r} cannot be given; ask for one of {', '.join(choices)}"
+        )
+
+
+def output_array(a: np.ndarray, fmt: str, asked: str | None) -> np.ndarray:
+    """An output as it is sent. Float outputs: float32 when ``asked`` is ``FP32``; else in the model's dtype,
+    except where the format has no type for it (bfloat16 in ``.npy`` and Arrow): float32 by default, its raw
+    16-bit words (``uint16``) when asked for by name (``BF16``)."""
+    if not is_float(a.dtype.name):
+        return a
+    if asked == "FP32":
+        return a.astype(np.float32, copy=False)
+    return a if fmt == "json" else wire_array(a, raw=asked is not None)
+
+
 def encode(req: InferRequest, outputs: Mapping[str, np.ndarray], model_name: str) -> Encoded:
-    """The answer to ``req`` in the format it came in."""
+    """The answer to ``req`` in the format it came in, outputs in the datatype asked (:func:`output_array`)."""
+    outputs = {k: output_array(a, req.fmt, req.output_datatype) for k, a in outputs.items()}
     if req.fmt == "npy":
         return encode_npy(outputs)
     if req.fmt == "arrow":
@@ -241,7 +285,10 @@ def decode_oip(
             f"parameters.{TIMEOUT_PARAMETER} must be a positive integer (milliseconds), got {str(timeout_ms)[:50]}"
         )
     request_id = str(request_id) if request_id is not None else None
-    return InferRequest(arrays, "json", request_id, outputs, binary, timeout_ms)
+    asked = params.get(OUTPUT_DATATYPE_PARAMETER) if isinstance(params, dict) else None
+    if asked is not None and not isinstance(asked, str):
+        raise BadRequest(f"parameters.{OUTPUT_DATATYPE_PARAMETER} must be a datatype name, got {str(asked)[:50]}")
+    return InferRequest(arrays, "json", request_id, outputs, binary, timeout_ms, asked)
 
 
 def _parameters(item: dict[str, Any]) -> dict[str, Any]:
@@ -266,8 +313,8 @@ def _oip_tensor(item: Any, raw: memoryview, expected: str, max_tensor_bytes: int
     if not isinstance(item["datatype"], str):
         raise BadRequest(f"input {name!r}: datatype {item['datatype']!r} is not a string; {expected}")
     try:
-        dtype = numpy_dtype(item["datatype"])
-    except BadRequest as exc:
+        dtype = np_dtype(from_oip(item["datatype"]))
+    except ValueError as exc:
         raise BadRequest(f"input {name!r}: {exc}; {expected}") from exc
     check_declared(name, shape, dtype, max_tensor_bytes)
     count = math.prod(shape)

@@ -4,7 +4,8 @@ HTTP (the app's route prefix, usually ``/``):
 
 * ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``: server liveness, readiness, metadata.
 * ``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``: model metadata (inputs/outputs with name,
-  datatype such as ``FP32``, shape with -1 for the batch) and readiness.
+  datatype such as ``FP32``, shape with -1 for the batch; for a half-precision plan, the datatypes an input
+  also takes, ``FP32`` cast here, and those an output comes in) and readiness.
 * ``POST /v2/models/{name}/infer``: OIP JSON (and its binary extension), ``.npy`` or Arrow IPC; see
   :mod:`serve_app.codecs`. The answer uses the request's format.
 
@@ -58,7 +59,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from partitions.artifacts import read_plan
+from partitions.dtypes import accepted_datatypes, is_float, oip_datatype
 from partitions.plan import Plan
 from partitions.runtime import outputs_of
 from partitions.types import Payload, TensorSpec
@@ -78,7 +80,7 @@ from serve_app.cache import ResultCache, input_key, plan_version
 from serve_app.config import EntranceConfig
 from serve_app.names import ARRIVED_METRIC, QUEUED_METRIC
 from serve_app.retry import DeadlineExceeded, Unavailable, call_with_retry, is_deadline
-from serve_app.tensors import BadRequest, check_inputs, describe, oip_datatype
+from serve_app.tensors import BadRequest, check_inputs, describe, from_wire, to_wire
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="partserve", docs_url=None, redoc_url=None)
@@ -87,8 +89,30 @@ TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 """HTTP header: the client's deadline for the request, in milliseconds (it may only shorten the server's)."""
 
 
-def _metadata(specs: list[TensorSpec]) -> list[dict[str, object]]:
-    return [{"name": t.name, "datatype": oip_datatype(t.dtype), "shape": list(t.shape)} for t in specs]
+def _metadata(
+    specs: list[TensorSpec], parameters: Callable[[TensorSpec], dict[str, object]]
+) -> list[dict[str, object]]:
+    """OIP tensor metadata of ``specs``, with ``parameters(spec)`` where it says anything."""
+    out: list[dict[str, object]] = []
+    for t in specs:
+        meta: dict[str, object] = {"name": t.name, "datatype": oip_datatype(t.dtype), "shape": list(t.shape)}
+        if params := parameters(t):
+            meta["parameters"] = params
+        out.append(meta)
+    return out
+
+
+def _input_parameters(spec: TensorSpec) -> dict[str, object]:
+    """What a half-precision input also takes: FP32, cast at the entrance."""
+    taken = accepted_datatypes(spec.dtype)
+    return {"accepted_datatypes": taken, "cast": f"FP32 is cast to {taken[0]} at the entrance"} if taken[1:] else {}
+
+
+def _output_parameters(spec: TensorSpec) -> dict[str, object]:
+    """The datatypes a half-precision output comes in: its own, or FP32 when the request asks for it (OIP
+    ``parameters.output_datatype`` or the ``X-Output-Datatype`` header)."""
+    own = oip_datatype(spec.dtype)
+    return {"output_datatypes": [own, "FP32"]} if is_float(spec.dtype) and own != "FP32" else {}
 
 
 async def run_stages(
@@ -96,7 +120,8 @@ async def run_stages(
 ) -> dict[str, np.ndarray]:
     """Call every stage at once, each on the (not yet computed) responses of the stages it reads from (a
     first stage: on the model inputs it reads), then await the stages no other stage reads from:
-    intermediates go stage to stage through the object store.
+    intermediates go stage to stage through the object store (bfloat16 as raw words, which it passes without
+    a copy: :func:`~serve_app.tensors.to_wire`).
 
     ``deadline_s`` (``time.time()`` seconds) goes with every stage call; when it passes first, this raises
     :class:`DeadlineExceeded`. Whatever ends the wait (that, an error, a cancellation), the stage calls
@@ -106,7 +131,7 @@ async def run_stages(
     try:
         for stage in plan.stages:
             sources: list[DeploymentResponse | Payload] = [responses[j] for j in stage.after] or [
-                {name: payload[name] for name in stage.reads}
+                to_wire({name: payload[name] for name in stage.reads})
             ]
             response = stages[stage.index].remote(*sources, **extra)
             assert isinstance(response, DeploymentResponse)  # not a generator: stage handles do not stream
@@ -126,7 +151,7 @@ async def run_stages(
     merged: Payload = {}
     for outputs in sent:
         merged.update(outputs)
-    return outputs_of(plan, merged)
+    return from_wire(outputs_of(plan, merged), plan.outputs)
 
 
 @dataclass(frozen=True)
@@ -371,8 +396,9 @@ class Entrance:
                 "name": self.model_name,
                 "versions": ["1"],
                 "platform": "pytorch_partserve",
-                "inputs": _metadata(self.plan.inputs),
-                "outputs": _metadata(self.plan.outputs),
+                "inputs": _metadata(self.plan.inputs, _input_parameters),
+                "outputs": _metadata(self.plan.outputs, _output_parameters),
+                "parameters": {"dtype": self.plan.dtype},
             }
         )
 
@@ -424,6 +450,8 @@ class Entrance:
             max_tensor_bytes=codecs.JSON_EXPANSION * self.max_body_bytes,
         )
         del body  # from here the request holds its tensors (a .npy body's tensor is a view of it)
+        req.output_datatype = req.output_datatype or request.headers.get(codecs.OUTPUT_DATATYPE_HEADER)
+        codecs.check_output_datatype(req, self.plan.outputs)
         payload = check_inputs(self.plan.inputs, req.arrays)
         req.arrays = {}
         held.set(sum(a.nbytes for a in payload.values()))

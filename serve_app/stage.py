@@ -34,6 +34,7 @@ from serve_app.metrics import StageMetrics, window_summary
 from serve_app.names import BUSY_METRIC, FULL_BATCH_METRIC, QUEUED_METRIC, RUNNING_METRIC
 from serve_app.retry import DeadlineExceeded
 from serve_app.serve_types import set_batching
+from serve_app.tensors import from_wire, to_wire
 
 
 def late(deadline_s: float | None) -> DeadlineExceeded:
@@ -97,11 +98,13 @@ class StageDeployment:
 
     async def __call__(self, *payloads: Payload, deadline_s: float | None = None) -> Payload:
         """Run the stage on the merged ``payloads``: the outputs of the stages it reads from (``Stage.after``,
-        in that order), or the model inputs; :class:`DeadlineExceeded` once ``deadline_s`` has passed."""
+        in that order), or the model inputs; :class:`DeadlineExceeded` once ``deadline_s`` has passed.
+        Payloads come and go with bfloat16 as raw words (:func:`~serve_app.tensors.to_wire`)."""
         expired(deadline_s)
         payload: Payload = {}
         for p in payloads:
             payload.update(p)
+        payload = from_wire(payload, self.runner.stage.inputs)
         self.metrics.request_in()
         try:
             result = await (
@@ -113,7 +116,7 @@ class StageDeployment:
             self.metrics.request_out()
         if isinstance(result, Exception):
             raise result
-        return result
+        return to_wire(result)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=call_samples)
     async def run_batch(self, calls: list[Call]) -> list[Payload | Exception]:

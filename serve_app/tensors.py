@@ -1,4 +1,8 @@
-"""Tensor datatypes of the Open Inference Protocol and checks of request tensors against a plan's inputs."""
+"""Checks of request tensors against a plan's inputs (datatypes: :mod:`partitions.dtypes`).
+
+An input takes its own dtype and, for a half-precision input, float32 (cast here, at the entrance) or, for a
+bfloat16 input, its raw 16-bit words (``uint16``, from a ``.npy`` file or an Arrow column):
+:func:`partitions.dtypes.accept`."""
 
 from __future__ import annotations
 
@@ -6,24 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from partitions.dtypes import BFLOAT16, accept, accepted_datatypes, from_words, oip_datatype, words
 from partitions.types import BATCH, Payload, TensorSpec
-
-OIP_DATATYPES: dict[str, str] = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
-}
-"""numpy dtype name -> Open Inference Protocol datatype."""
-NUMPY_DTYPES: dict[str, str] = {v: k for k, v in OIP_DATATYPES.items()}
 
 
 class BadRequest(ValueError):
@@ -34,24 +22,14 @@ class BadRequest(ValueError):
         self.status = status
 
 
-def oip_datatype(dtype: str | np.dtype) -> str:
-    """The OIP datatype (``FP32``) of a numpy dtype."""
-    name = np.dtype(dtype).name
-    if name not in OIP_DATATYPES:
-        raise BadRequest(f"dtype {name} has no Open Inference Protocol datatype")
-    return OIP_DATATYPES[name]
-
-
-def numpy_dtype(datatype: str) -> np.dtype:
-    """The numpy dtype of an OIP datatype (``FP32`` -> float32)."""
-    if datatype not in NUMPY_DTYPES:
-        raise BadRequest(f"unknown datatype {datatype!r}; known: {', '.join(NUMPY_DTYPES)}")
-    return np.dtype(NUMPY_DTYPES[datatype])
-
-
 def describe(specs: Sequence[TensorSpec]) -> str:
-    """What the model expects, for error messages: ``features: shape [-1, 256] FP32 (float32)``."""
-    return "; ".join(f"{s.name}: shape {list(s.shape)} {oip_datatype(s.dtype)} ({s.dtype})" for s in specs)
+    """What the model expects, for error messages: ``features: shape [-1, 256] BF16 (bfloat16; FP32 taken)``."""
+    return "; ".join(f"{s.name}: shape {list(s.shape)} {oip_datatype(s.dtype)} ({_takes(s.dtype)})" for s in specs)
+
+
+def _takes(name: str) -> str:
+    also = accepted_datatypes(name)[1:]
+    return f"{name}; {', '.join(also)} taken" if also else name
 
 
 def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> Payload:
@@ -64,12 +42,32 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) 
     if missing or unknown:
         raise BadRequest(f"inputs {sorted(arrays)} given, missing {missing}, unknown {unknown}; {expected}")
     batches: set[int] = set()
+    out: Payload = {}
     for spec in specs:
         a = arrays[spec.name]
         fits = a.ndim == len(spec.shape) and all(want == BATCH or got == want for got, want in zip(a.shape, spec.shape))
-        if a.dtype != np.dtype(spec.dtype) or not fits or a.shape[0] < 1:
+        taken = accept(a, spec.dtype) if fits and a.shape[0] >= 1 else None
+        if taken is None:
             raise BadRequest(f"input {spec.name!r} has shape {list(a.shape)} {a.dtype.name}; {expected} (batch >= 1)")
         batches.add(a.shape[0])
+        out[spec.name] = np.ascontiguousarray(taken)
     if len(batches) > 1:
         raise BadRequest(f"inputs have different batch sizes {sorted(batches)}; {expected}")
-    return {spec.name: np.ascontiguousarray(arrays[spec.name]) for spec in specs}
+    return out
+
+
+def to_wire(payload: Payload) -> Payload:
+    """``payload`` for Ray's object store: bfloat16 arrays as their raw words (``uint16``, the same memory),
+    which Ray passes without a copy (ml_dtypes' arrays it pickles in-band, copying them twice);
+    :func:`from_wire` reads them back."""
+    return {k: words(v) if v.dtype == BFLOAT16 else v for k, v in payload.items()}
+
+
+def from_wire(payload: Payload, specs: Sequence[TensorSpec]) -> Payload:
+    """``payload`` with the entries that ``specs`` name in their dtypes again (:func:`to_wire`); the others as
+    they are (a stage passes on what it carries untouched)."""
+    out = dict(payload)
+    for spec in specs:
+        if spec.name in out and (typed := from_words(out[spec.name], spec.dtype)) is not None:
+            out[spec.name] = typed
+    return out

@@ -123,6 +123,35 @@ def clip_towers(batch_size: int = 4, width: int = 32, layers: int = 2):
     return TextImageTowers(CLIPModel(config).eval()), inputs
 
 
+class CausalLogits(nn.Module):
+    """A transformers causal LM returning its logits alone, without a key-value cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def tiny_llama(batch_size: int = 4, seq_len: int = 16, layers: int = 2, width: int = 64, vocab: int = 256):
+    """A Llama-style causal LM (``LlamaForCausalLM`` from a transformers ``LlamaConfig``: RMSNorm, rotary
+    positions, grouped-query attention, SwiGLU; random weights from a fixed seed): token ids in, logits out."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2 * seq_len,
+    )
+    return CausalLogits(LlamaForCausalLM(config).eval()), torch.randint(0, vocab, (batch_size, seq_len))
+
+
 POISON, HANG, SLOW = 1e6, 2e6, 3e6
 """Marker values for :class:`Trap`, in an input's first feature."""
 HANG_S, SLOW_S = 600.0, 1.0

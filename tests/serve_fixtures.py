@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
+from partitions.dtypes import to_numpy, to_torch
 from partitions.inputs import random_inputs
 from partitions.partition import PlanOptions, build_plan
 from partitions.plan import Plan
@@ -29,9 +29,9 @@ class PlannedModel:
         return random_inputs(self.plan.inputs, batch, seed, self.plan.input_ranges)
 
     def reference(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The whole, unpartitioned model's outputs by name."""
-        flat = self.source.forward_flat({k: torch.from_numpy(v) for k, v in inputs.items()})
-        return {spec.name: t.detach().numpy() for spec, t in zip(self.plan.outputs, flat)}
+        """The whole, unpartitioned model's outputs by name (in the plan's dtype: planning casts the source)."""
+        flat = self.source.forward_flat({k: to_torch(np.ascontiguousarray(v)) for k, v in inputs.items()})
+        return {spec.name: to_numpy(t) for spec, t in zip(self.plan.outputs, flat)}
 
 
 def plan_model(spec: str, options: dict[str, Any], uri: str, stages: int = 3, **plan_options: Any) -> PlannedModel:

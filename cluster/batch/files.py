@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from partitions.dtypes import arrow_type, from_words, wire_array
 from partitions.errors import PartserveError
 from partitions.types import TensorSpec
 
@@ -193,7 +194,7 @@ def column_problem(t: pa.DataType, spec: TensorSpec) -> str | None:
     leaf = _leaf_type(t)
     if not (pa.types.is_integer(leaf) or pa.types.is_floating(leaf) or pa.types.is_boolean(leaf)):
         return f"holds {leaf} values; {spec.name} takes {spec.dtype}"
-    if np.issubdtype(np.dtype(spec.dtype), np.integer) and pa.types.is_floating(leaf):
+    if np.issubdtype(spec.np_dtype, np.integer) and pa.types.is_floating(leaf):
         pass  # integral floats are accepted row by row
     declared = getattr(t, "shape", None) if isinstance(t, pa.BaseExtensionType) else None
     if declared is not None and math.prod(declared) != math.prod(dims):
@@ -214,7 +215,7 @@ def to_tensor(arr: pa.Array | pa.ChunkedArray, spec: TensorSpec) -> tuple[np.nda
     n = len(arr)
     dims = tuple(spec.shape[1:])
     size = math.prod(dims)
-    dtype = np.dtype(spec.dtype)
+    dtype = spec.np_dtype
     reasons: list[str | None] = [None] * n
     arr, declared = _storage(arr)
     if declared is not None:
@@ -281,8 +282,9 @@ def to_tensor(arr: pa.Array | pa.ChunkedArray, spec: TensorSpec) -> tuple[np.nda
 
 
 def flat_array(batch: np.ndarray, mask: np.ndarray | None = None) -> pa.Array:
-    """A ``[rows, ...]`` batch as a fixed-size list of its flattened rows (``mask``: rows to store as null)."""
-    values = pa.array(np.ascontiguousarray(batch).reshape(-1))
+    """A ``[rows, ...]`` batch as a fixed-size list of its flattened rows (``mask``: rows to store as null);
+    bfloat16 as its raw words (``uint16``), which :func:`flat_view` reads back."""
+    values = pa.array(wire_array(np.ascontiguousarray(batch), raw=True).reshape(-1))
     size = math.prod(batch.shape[1:])
     if mask is None or not mask.any():
         return pa.FixedSizeListArray.from_arrays(values, size)
@@ -295,12 +297,13 @@ def flat_view(column: pa.ChunkedArray | pa.Array, spec: TensorSpec) -> np.ndarra
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     values = column.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape((len(column), *spec.shape[1:]))
+    words = from_words(values, spec.dtype)
+    return (values if words is None else words).reshape((len(column), *spec.shape[1:]))
 
 
 def output_type(spec: TensorSpec) -> pa.DataType:
     dims = spec.shape[1:]
-    value = pa.from_numpy_dtype(np.dtype(spec.dtype))
+    value = arrow_type(spec.dtype)
     if not dims:
         return value
     if len(dims) == 1:
@@ -309,7 +312,9 @@ def output_type(spec: TensorSpec) -> pa.DataType:
 
 
 def output_array(batch: np.ndarray, spec: TensorSpec, mask: np.ndarray | None = None) -> pa.Array:
-    """A batch of model output ``spec`` as its Parquet column (:func:`output_type`); ``mask``: null rows."""
+    """A batch of model output ``spec`` as its Parquet column (:func:`output_type`; bfloat16 as float32, which
+    holds it exactly); ``mask``: null rows."""
+    batch = wire_array(batch, raw=False)
     dims = spec.shape[1:]
     if not dims:
         return pa.array(batch, mask=mask)

@@ -201,7 +201,7 @@ class StageStep:
             for t in self.runner.stage.computed:
                 got = [p[t.name] if p else None for p in parts]
                 shapes = [(len(part), *t.shape[1:]) for part in (rows[:mid], rows[mid:])]
-                blocks = [g if g is not None else np.zeros(s, np.dtype(t.dtype)) for g, s in zip(got, shapes)]
+                blocks = [g if g is not None else np.zeros(s, t.np_dtype) for g, s in zip(got, shapes)]
                 merged[t.name] = np.concatenate(blocks)
             return merged
 
@@ -221,12 +221,12 @@ class StageStep:
             rows = np.flatnonzero(ok)
             got = self._run_rows(payload, rows, reasons)
             for t in self.runner.stage.computed:
-                full = np.zeros((n, *t.shape[1:]), np.dtype(t.dtype))
+                full = np.zeros((n, *t.shape[1:]), t.np_dtype)
                 if got:
                     full[rows] = got[t.name]
                 computed[t.name] = full
         for t in self.runner.stage.computed:
-            computed.setdefault(t.name, np.zeros((n, *t.shape[1:]), np.dtype(t.dtype)))
+            computed.setdefault(t.name, np.zeros((n, *t.shape[1:]), t.np_dtype))
         keep = set(self.layout.keep_after[self.index])
         drop = [c for c in batch.column_names if c.startswith(VALUE) and c[len(VALUE) :] not in keep]
         batch = batch.drop_columns(drop)

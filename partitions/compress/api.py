@@ -16,6 +16,7 @@ from partitions.compress.measure import Fidelity, Inputs, LayerParams, fidelity,
 from partitions.compress.options import Method, Mode
 from partitions.compress.prune import FineTune, Step, prune, resolve_targets
 from partitions.compress.quantize import exportable, quantize
+from partitions.dtypes import name_of, to_torch
 from partitions.errors import PartserveError
 from partitions.inputs import random_inputs
 from partitions.runtime import pick_device
@@ -39,14 +40,10 @@ def calibration_inputs(source: ModelSource, path: str | None, samples: int = 64,
         missing = [k for k in source.example_inputs if k not in arrays]
         if missing:
             raise PartserveError(f"{path} lacks inputs {missing}", f"store arrays named {list(source.example_inputs)}")
-        return {k: torch.from_numpy(arrays[k]).to(v.dtype) for k, v in source.example_inputs.items()}
-    specs = []
-    for name, ex in source.example_inputs.items():
-        # Floats are drawn as float32, then cast: numpy lacks some torch dtypes (bfloat16).
-        dtype = "float32" if ex.is_floating_point() else str(ex.dtype).removeprefix("torch.")
-        specs.append(TensorSpec(name, (BATCH, *ex.shape[1:]), dtype))
-    arrays = random_inputs(specs, samples, seed, source.int_ranges)
-    return {k: torch.from_numpy(arrays[k]).to(v.dtype) for k, v in source.example_inputs.items()}
+    else:
+        specs = [TensorSpec(k, (BATCH, *v.shape[1:]), name_of(v.dtype)) for k, v in source.example_inputs.items()]
+        arrays = random_inputs(specs, samples, seed, source.int_ranges)
+    return {k: to_torch(np.ascontiguousarray(arrays[k])).to(v.dtype) for k, v in source.example_inputs.items()}
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Any
 import click
 import numpy as np
 
+from partitions.dtypes import PLAN_DTYPES
 from partitions.planner import OBJECTIVES
 from partserve.cli.output import (
     console,
@@ -73,6 +74,11 @@ def _model_options(pairs: tuple[str, ...], named: dict[str, Any]) -> dict[str, A
     help="Fixed cost of each hand-off between stages (ms).",
 )
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads while profiling on CPU (as in serving).")
+@click.option(
+    "--dtype",
+    type=click.Choice(PLAN_DTYPES),
+    help="Weights and float activations in this dtype (costs, memory and shards too) [default: the model's].",
+)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repeats per node.")
 @click.option("--layers", type=int, help="Model option: number of layers (zoo transformer).")
 @click.option("--width", type=int, help="Model option: hidden width.")
@@ -92,6 +98,7 @@ def plan(
     branches: bool,
     hop_ms: float,
     threads: int | None,
+    dtype: str | None,
     repeats: int,
     layers: int | None,
     width: int | None,
@@ -122,6 +129,7 @@ def plan(
         branches=branches,
         hop_ms=hop_ms,
         threads=threads,
+        dtype=dtype,
     )
     with progress_bar(not as_json) as progress:
         result = build_plan(source, out, opts, progress)
@@ -147,7 +155,7 @@ def plan(
     ]
     console.print(
         table(
-            f"plan for {m['spec']} at batch {result.batch_size} on {result.device}",
+            f"plan for {m['spec']} in {result.dtype} at batch {result.batch_size} on {result.device}",
             ["stage", "after", "nodes", "starts at", "params", "memory", "sends", "cost ms", "measured", "gpu"],
             rows,
         )
@@ -186,11 +194,16 @@ def _shape_line(result: Any) -> str:
     help="An .npz file of named input arrays to check as well.",
 )
 @click.option("--device", default="auto", show_default=True)
-@click.option("--tolerance", type=float, default=1e-6, show_default=True, help="Max relative error to pass.")
+@click.option(
+    "--tolerance",
+    type=float,
+    help="Max relative error against the model as loaded [default: 1e-6; float16 plans 1e-2, bfloat16 5e-2].",
+)
 @json_option
 @domain_errors
-def verify(plan_dir: str, inputs_path: str | None, device: str, tolerance: float, as_json: bool) -> None:
-    """Run the stages of PLAN_DIR in sequence and compare with the original model."""
+def verify(plan_dir: str, inputs_path: str | None, device: str, tolerance: float | None, as_json: bool) -> None:
+    """Run the stages of PLAN_DIR in sequence and compare with the original model (and, for a plan cast to
+    half precision, with the model cast the same way)."""
     from partitions.verify import verify as run_verify
 
     user = dict(np.load(inputs_path, allow_pickle=False)) if inputs_path else None
@@ -201,7 +214,20 @@ def verify(plan_dir: str, inputs_path: str | None, device: str, tolerance: float
         rows = [[c.name, c.batch, f"{c.max_abs_error:.3g}", f"{c.max_rel_error:.3g}"] for c in report.cases]
         console.print(table(f"verify {plan_dir}", ["inputs", "batch", "max abs error", "max rel error"], rows))
         verdict = "[green]passed[/green]" if report.passed else "[red]FAILED[/red]"
-        console.print(f"{verdict}: max relative error {report.max_rel_error:.3g} (tolerance {tolerance:g})")
+        against = "the model" if report.same_dtype_tolerance is None else "the float32 model"
+        console.print(
+            f"{verdict}: {report.dtype} plan, max relative error {report.max_rel_error:.3g} against {against} "
+            f"(tolerance {report.tolerance:g})"
+        )
+        if report.same_dtype_tolerance is not None:
+            worst = report.worst_stage
+            errors = ", ".join("-" if e is None else f"{e:.3g}" for e in report.stage_errors)
+            console.print(
+                f"against the model in {report.dtype}: {report.same_dtype_rel_error:.3g} "
+                f"(tolerance {report.same_dtype_tolerance:g}); each stage against itself in float32: {errors}"
+                + ("" if worst is None else f"; worst stage {worst}"),
+                highlight=False,
+            )
     if not report.passed:
         raise SystemExit(1)
 

@@ -92,7 +92,7 @@ def curl_example(url: str, model: str, inputs: list) -> str:
         size = 1
         for d in shape:
             size *= d
-        from serve_app.tensors import oip_datatype
+        from partitions.dtypes import oip_datatype
 
         tensors.append({"name": spec.name, "shape": shape, "datatype": oip_datatype(spec.dtype), "data": [0] * size})
     body = json.dumps({"inputs": tensors}, separators=(",", ":"))
@@ -249,7 +249,6 @@ def build(
 ) -> None:
     """Write a Serve config for PLAN_DIR that `serve deploy` and `serve run` accept."""
     import yaml
-
 
     config = _serve_config(plan_dir, plan_uri, host, port, **scaling)  # plan_uri: as the cluster's nodes see it
     with open(out, "w") as f:

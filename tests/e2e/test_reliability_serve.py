@@ -24,9 +24,9 @@ import ray
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from partitions.dtypes import oip_datatype
 from serve_app.app import AppArgs
 from serve_app.retry import Unavailable
-from serve_app.tensors import oip_datatype
 from tests.serve_fixtures import PlannedModel, Planner, rel_err
 from tests.serve_session import Replica, replicas, serve_apps
 

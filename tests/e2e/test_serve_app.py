@@ -24,9 +24,10 @@ import tritonclient.http as triton
 from ray import serve
 
 from cluster import local
+from partitions.dtypes import from_oip, np_dtype, oip_datatype
 from serve_app import codecs
 from serve_app.app import AppArgs, build_app
-from serve_app.tensors import BadRequest, oip_datatype
+from serve_app.tensors import BadRequest
 from tests import REPO
 from tests.serve_fixtures import TRANSFORMER, PlannedModel, Planner, rel_err
 from tests.serve_session import delete_apps
@@ -84,7 +85,7 @@ def post_json(url: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     r = httpx.post(url, json=oip_json(inputs), timeout=60)
     assert r.status_code == 200, r.text
     return {
-        t["name"]: np.asarray(t["data"], dtype=codecs.numpy_dtype(t["datatype"])).reshape(t["shape"])
+        t["name"]: np.asarray(t["data"], dtype=np_dtype(from_oip(t["datatype"]))).reshape(t["shape"])
         for t in r.json()["outputs"]
     }
 

@@ -20,8 +20,8 @@ import yaml
 
 from cluster import local
 from cluster.deploy import serve_config
+from partitions.dtypes import oip_datatype
 from serve_app.ports import free_port
-from serve_app.tensors import oip_datatype
 from tests import REPO
 from tests.serve_fixtures import PlannedModel, rel_err
 
