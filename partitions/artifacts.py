@@ -84,12 +84,17 @@ def encode_stage(gm: nn.Module, example: Sequence[torch.Tensor], children: list[
 
 def read_shard(uri: str, artifact: Artifact) -> bytes:
     """The shard's bytes, refused unless they match the hash recorded in plan.json."""
-    data = read_file(uri, artifact.path)
+    return read_checked(uri, artifact.path, artifact.sha256, "shard")
+
+
+def read_checked(uri: str, path: str, expected_sha256: str, what: str = "file") -> bytes:
+    """The bytes of ``path`` in the plan at ``uri``, refused unless they match ``expected_sha256``."""
+    data = read_file(uri, path)
     digest = sha256(data)
-    if digest != artifact.sha256:
+    if digest != expected_sha256:
         raise ArtifactError(
-            f"shard {artifact.path} has sha256 {digest[:12]}…, plan.json records {artifact.sha256[:12]}…",
-            "the shard was modified or corrupted; re-run partserve plan",
+            f"{what} {path} has sha256 {digest[:12]}…, plan.json records {expected_sha256[:12]}…",
+            f"the {what} was modified or corrupted; re-run partserve plan",
         )
     return data
 

@@ -303,6 +303,30 @@ def _build(gm: fx.GraphModule, method: Method, reason: str, source: ModelSource)
     return CapturedGraph(method, reason, gm, inputs, outputs, output_values, units, values, classes, unit_of, rename)
 
 
+def embedding_limits(cg: CapturedGraph) -> dict[str, tuple[int, int]]:
+    """``{input: (0, rows)}`` for each model input that indexes an embedding table directly (``aten.embedding``
+    in an exported graph, an ``nn.Embedding`` child in a module graph): ids outside it are no valid input.
+    An input indexing several tables gets the smallest."""
+    limits: dict[str, tuple[int, int]] = {}
+    for n in cg.gm.graph.nodes:
+        rows: int | None = None
+        indices: object = None
+        if n.op == "call_function" and n.target is torch.ops.aten.embedding.default:
+            weight, indices = n.args[0], n.args[1]
+            val = weight.meta.get("val") if isinstance(weight, fx.Node) else None
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                val = get_attr(cg.gm, str(weight.target))
+            rows = int(val.shape[0]) if isinstance(val, torch.Tensor) else None
+        elif n.op == "call_module" and isinstance(embedding := cg.gm.get_submodule(str(n.target)), nn.Embedding):
+            rows, indices = embedding.num_embeddings, n.args[0]
+        if rows is None or not isinstance(indices, fx.Node) or indices.op != "placeholder":
+            continue
+        name = cg.input_names.get(indices.name, indices.name)
+        low, high = limits.get(name, (0, rows))
+        limits[name] = (low, min(high, rows))
+    return limits
+
+
 def get_attr(root: nn.Module, target: str) -> object:
     """The parameter, buffer or submodule at a qualified name (``blocks.0.fc1.weight``)."""
     obj: object = root

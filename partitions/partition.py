@@ -11,12 +11,13 @@ from functools import partial
 import torch
 
 from partitions import artifacts
-from partitions.capture import CapturedGraph, capture
+from partitions.capture import CapturedGraph, capture, embedding_limits
 from partitions.costs import NodeCost, measure_ms, profile
 from partitions.dtypes import PLAN_DTYPES
 from partitions.errors import PlanError
 from partitions.plan import Artifact, Plan, Stage
 from partitions.planner import Objective, Partition, Problem, solve
+from partitions.processing import write_processing
 from partitions.runtime import pick_device, stage_payload
 from partitions.source import ModelSource
 from partitions.stages import StageProgram, stage_program
@@ -105,6 +106,7 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
             "kind": source.kind,
             "capture": cg.method,
             "capture_reason": cg.reason,
+            "notes": source.notes,
         },
         device=str(device),
         batch_size=batch_size,
@@ -122,6 +124,8 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
         },
         objective=opts.objective,
         dtype=source.dtype,
+        input_limits=embedding_limits(cg),
+        processing=write_processing(source.processing, cg.outputs, uri),
     )
     problems = plan.problems()
     assert not problems, problems

@@ -1,15 +1,22 @@
-"""The plan: plain, versioned data (``plan.json``), validated before anything loads it."""
+"""The plan: plain, versioned data (``plan.json``), validated before anything loads it.
+
+Versions: a reader takes plans of :data:`SCHEMA_VERSION` and older (fields added since are optional, with
+defaults, so older plans load as they are) and refuses a newer one, naming both versions. Version 2 added
+``input_limits`` and ``processing``.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from partitions.errors import ArtifactError
 from partitions.types import Bytes, Ms, TensorSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The version this partserve writes; it reads 1 to this one."""
+OLDEST_VERSION = 1
 PLAN_FILE = "plan.json"
 
 
@@ -25,6 +32,39 @@ class Artifact:
     size_bytes: Bytes
     children: list[str] = field(default_factory=list)
     """For ``module-weights``: the ``nn.Sequential`` children the stage runs, in order."""
+
+
+@dataclass
+class ProcessingFile:
+    """A file of the model directory the entrance reads (tokenizer, config with the label map, pooling)."""
+
+    path: str
+    """Relative to the plan directory (``processing/tokenizer.json``)."""
+    sha256: str
+    size_bytes: Bytes
+
+
+@dataclass
+class Processing:
+    """What the entrance runs around the stages: text in (a tokenizer), answers out (labels, embeddings)."""
+
+    task: str
+    """``classification`` (``probabilities`` and ``label`` from ``logits_output``), ``embedding`` (a pooled,
+    L2-normalised ``embedding`` from ``hidden_output``) or ``none`` (the model's outputs only)."""
+    files: list[ProcessingFile] = field(default_factory=list)
+    """Copied from the model directory, checked against their hashes when loaded."""
+    tokenizer: bool = False
+    """The model also takes an OIP ``BYTES`` input ``text``, tokenized at the entrance."""
+    max_length: int = 0
+    """Tokens per text (padded and truncated to it): the plan's sequence length."""
+    labels: list[str] = field(default_factory=list)
+    """Label of each class index (``id2label``), for ``classification``."""
+    logits_output: str = "logits"
+    hidden_output: str = "last_hidden_state"
+    mask_input: str = "attention_mask"
+    """The input whose zeros mark padding (pooling ignores those positions)."""
+    pooling: str = "mean"
+    """``mean``, ``cls`` or ``max`` over the tokens, for ``embedding``."""
 
 
 @dataclass
@@ -63,6 +103,29 @@ class Stage:
         return list(dict.fromkeys([t.name for t in self.inputs] + self.carried))
 
 
+def check_version(version: object) -> None:
+    """Raise :class:`ArtifactError` unless this partserve reads plans of schema ``version``."""
+    if type(version) is int and OLDEST_VERSION <= version <= SCHEMA_VERSION:
+        return
+    if type(version) is int and version > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"plan.json has schema version {version}, newer than this partserve reads "
+            f"({OLDEST_VERSION} to {SCHEMA_VERSION})",
+            "upgrade partserve, or re-run partserve plan with this version",
+        )
+    raise ArtifactError(
+        f"plan.json has schema version {version!r}; this partserve reads {OLDEST_VERSION} to {SCHEMA_VERSION}",
+        "re-run partserve plan",
+    )
+
+
+def _known(cls: type, d: dict[str, Any]) -> Any:
+    """``cls(**d)`` with only the keys ``cls`` has: a plan written by a build with more optional fields of
+    the same version still loads (its extra fields are ignored); a missing field takes its default."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
 class Plan:
     model: dict[str, Any]
@@ -84,6 +147,12 @@ class Plan:
     """What the planner optimised: ``throughput`` (bottleneck) or ``latency`` (critical path)."""
     dtype: str = "float32"
     """dtype name of the weights and float activations (``partserve plan --dtype``; :mod:`partitions.dtypes`)."""
+    input_limits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """[low, high) of integer inputs that index an embedding (its rows): the entrance answers 400 outside it.
+    Unlike ``input_ranges`` (what the example inputs held), these are limits. Since version 2."""
+    processing: Processing | None = None
+    """Pre- and post-processing at the entrance (files in ``processing/``); None: tensors in and out.
+    Since version 2."""
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -97,34 +166,45 @@ class Plan:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ArtifactError(f"plan.json is not valid JSON ({exc})", "re-run partserve plan") from exc
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ArtifactError(
-                f"plan.json has schema version {version}, this partserve reads {SCHEMA_VERSION}",
-                "re-run partserve plan with this version",
-            )
+        if not isinstance(d, dict):
+            raise ArtifactError("plan.json is not a JSON object", "re-run partserve plan")
+        check_version(d.get("schema_version"))
         specs = lambda xs: [TensorSpec.from_json(x) for x in xs]
-        stages = [
-            Stage(
-                **{
-                    **s,
-                    "node_range": tuple(s["node_range"]),
-                    "inputs": specs(s["inputs"]),
-                    "computed": specs(s["computed"]),
-                    "artifact": Artifact(**s["artifact"]),
-                }
+        ranges = lambda r: {k: (int(v[0]), int(v[1])) for k, v in r.items()}
+        try:
+            stages = [
+                _known(
+                    Stage,
+                    {
+                        **s,
+                        "node_range": tuple(s["node_range"]),
+                        "inputs": specs(s["inputs"]),
+                        "computed": specs(s["computed"]),
+                        "artifact": _known(Artifact, s["artifact"]),
+                    },
+                )
+                for s in d["stages"]
+            ]
+            processing = d.get("processing")
+            if processing is not None:
+                files = [_known(ProcessingFile, f) for f in processing.get("files", [])]
+                processing = _known(Processing, {**processing, "files": files})
+            plan = _known(
+                cls,
+                {
+                    **d,
+                    "inputs": specs(d["inputs"]),
+                    "outputs": specs(d["outputs"]),
+                    "input_ranges": ranges(d["input_ranges"]),
+                    "input_limits": ranges(d.get("input_limits", {})),
+                    "processing": processing,
+                    "stages": stages,
+                },
             )
-            for s in d["stages"]
-        ]
-        plan = cls(
-            **{
-                **d,
-                "inputs": specs(d["inputs"]),
-                "outputs": specs(d["outputs"]),
-                "input_ranges": {k: tuple(v) for k, v in d["input_ranges"].items()},
-                "stages": stages,
-            }
-        )
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise ArtifactError(
+                f"plan.json does not hold a plan ({type(exc).__name__}: {exc})", "re-run partserve plan"
+            ) from exc
         problems = plan.problems()
         if problems:
             raise ArtifactError("plan.json is inconsistent: " + "; ".join(problems), "re-run partserve plan")

@@ -5,8 +5,9 @@ A spec is one of:
 * a zoo name (``demo-transformer``; see :mod:`partitions.zoo`),
 * ``package.module:factory``: a callable taking keyword options and returning ``(module, example_inputs)``,
   where ``example_inputs`` is a tensor, a tuple of tensors (named after ``forward``'s parameters) or a dict,
-* a Hugging Face model directory or ``config.json`` (extra ``hf``): random weights from a fixed seed unless
-  the directory holds weights.
+* a Hugging Face model directory or ``config.json`` (extra ``hf``): the class ``config.architectures`` names
+  (its task head included), with the saved weights, else random ones from a fixed seed; inputs from the
+  model's main input (``input_ids`` + ``attention_mask``, or ``pixel_values`` at the preprocessor's size).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from partitions.dtypes import name_of, torch_dtype
 from partitions.errors import ModelError, PartserveError
 from partitions.plan import Plan
+from partitions.processing import ProcessingSource, pooling_of, processing_source
 from partitions.zoo import SEED, ZOO
 
 DEFAULT_BATCH = 8
@@ -41,6 +43,10 @@ class ModelSource:
     """For integer inputs: the [low, high) range random test inputs are drawn from."""
     by_keyword: bool = True
     """Call ``forward`` with keyword arguments (else positionally, in ``example_inputs`` order)."""
+    processing: ProcessingSource | None = None
+    """Tokenizer, label map and pooling from the model's directory (Hugging Face directories)."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about how the model was loaded (recorded in ``plan.model["notes"]``)."""
 
     def call_args(self, inputs: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
         """``(args, kwargs)`` for ``forward``."""
@@ -107,6 +113,8 @@ def call_forward(module: nn.Module, inputs: Mapping[str, torch.Tensor]) -> objec
 def load_model(spec: str, options: dict[str, Any] | None = None, batch_size: int = DEFAULT_BATCH) -> ModelSource:
     """Build the model named by ``spec`` with ``options`` and example inputs of ``batch_size`` samples."""
     options = dict(options or {})
+    processing: ProcessingSource | None = None
+    notes: list[str] = []
     if batch_size < 1:
         raise ModelError(f"batch size ({batch_size}) must be >= 1", "pass --batch-size 1 or more")
     if spec in ZOO:
@@ -116,7 +124,7 @@ def load_model(spec: str, options: dict[str, Any] | None = None, batch_size: int
 
         module, example, kind = *load_compressed(spec, options, batch_size), "compressed"
     elif os.path.isdir(spec) or spec.endswith("config.json"):
-        module, example = _hugging_face(spec, options, batch_size)
+        module, example, processing, notes = _hugging_face(spec, options, batch_size)
         kind = "hf"
     elif ":" in spec:
         factory = import_callable(
@@ -137,7 +145,8 @@ def load_model(spec: str, options: dict[str, Any] | None = None, batch_size: int
     named = _name_inputs(module, example)
     named = {k: _resize_batch(v, batch_size) for k, v in named.items()}
     ranges = {k: (int(v.min()), int(v.max()) + 1) for k, v in named.items() if not v.is_floating_point()}
-    return ModelSource(spec, options, module, named, kind, ranges, takes_keywords(module, named))
+    keywords = takes_keywords(module, named)
+    return ModelSource(spec, options, module, named, kind, ranges, keywords, processing, notes)
 
 
 def plan_model(plan: Plan, batch_size: int | None = None) -> ModelSource:
@@ -214,7 +223,19 @@ def _resize_batch(t: torch.Tensor, batch_size: int) -> torch.Tensor:
     return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size].contiguous()
 
 
-def _hugging_face(path: str, options: dict[str, Any], batch_size: int):
+HF_OPTIONS = ("seq_len", "image_size", "pooling")
+DEFAULT_SEQ_LEN = 128
+"""Tokens per sample of a text model (texts are padded and truncated to it), unless the model's positions
+are fewer."""
+
+
+def _hugging_face(
+    path: str, options: dict[str, Any], batch_size: int
+) -> tuple[nn.Module, dict[str, torch.Tensor], ProcessingSource, list[str]]:
+    """The model saved in a Hugging Face directory, example inputs for its main input, its processing and
+    notes. ``options``: ``seq_len`` (tokens, default :data:`DEFAULT_SEQ_LEN`), ``image_size`` (pixels,
+    default the preprocessor config's), ``pooling`` (embeddings: mean, cls or max; default the
+    sentence-transformers config's, or mean)."""
     try:
         import transformers
     except ImportError as exc:
@@ -222,20 +243,92 @@ def _hugging_face(path: str, options: dict[str, Any], batch_size: int):
     directory = os.path.dirname(path) if path.endswith("config.json") else path
     if not os.path.exists(os.path.join(directory, "config.json")):
         raise ModelError(f"no config.json in {directory}", "point MODEL at a Hugging Face model directory")
-    seq_len = int(options.pop("seq_len", 32))
-    if options:
-        raise ModelError(f"Hugging Face models do not take {sorted(options)}", "accepted options: seq_len")
+    unknown = sorted(set(options) - set(HF_OPTIONS))
+    if unknown:
+        raise ModelError(f"Hugging Face models do not take {unknown}", f"accepted options: {', '.join(HF_OPTIONS)}")
     config = transformers.AutoConfig.from_pretrained(directory)
+    cls, notes = _model_class(transformers, config)
     has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(directory))
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
         if has_weights:
-            module = transformers.AutoModel.from_pretrained(directory, use_safetensors=None)
+            module = cls.from_pretrained(directory, use_safetensors=None)
         else:
-            module = transformers.AutoModel.from_config(config)
+            module = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+            notes.append(f"{directory} holds no weights: random ones (seed {SEED})")
+    main = getattr(module, "main_input_name", "input_ids")
     gen = torch.Generator().manual_seed(SEED)
-    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen)
-    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
-    mask[1::2, seq_len // 2 :] = 0  # every other sample is padded: the mask matters
-    options["seq_len"] = seq_len
-    return module, {"input_ids": ids, "attention_mask": mask}
+    if main == "input_ids":
+        longest = int(getattr(config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN)
+        seq_len = int(options.setdefault("seq_len", min(DEFAULT_SEQ_LEN, longest)))
+        vocab = module.get_input_embeddings().num_embeddings
+        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+        mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+        mask[1::2, seq_len // 2 :] = 0  # every other sample is padded: the mask matters
+        example = {"input_ids": ids, "attention_mask": mask}
+    elif main == "pixel_values":
+        height, width = _image_size(directory, config, options.get("image_size"))
+        options.setdefault("image_size", height if height == width else f"{height}x{width}")
+        channels = int(getattr(config, "num_channels", 3))
+        example = {"pixel_values": torch.randn(batch_size, channels, height, width, generator=gen)}
+    else:
+        raise ModelError(
+            f"{type(module).__name__} takes {main!r} first; directories serve input_ids or pixel_values models",
+            "wrap the model in a package.module:factory returning (module, example_inputs)",
+        )
+    name = type(module).__name__
+    task = "classification" if name.endswith(("SequenceClassification", "ImageClassification")) else "none"
+    if task == "none" and main == "input_ids" and "For" not in name:
+        task = "embedding"  # a bare encoder (BertModel, a sentence-transformers directory): pooled states
+    id2label = getattr(config, "id2label", None) or {}
+    labels = [str(id2label[k]) for k in sorted(id2label, key=int)] if task == "classification" else []
+    pooling = pooling_of(directory, options.get("pooling")) if task == "embedding" else "mean"
+    if "pooling" in options and task != "embedding":
+        raise ModelError(f"{name} is not an embedding model: pooling does not apply", "drop -O pooling")
+    processing = processing_source(directory, task, int(options.get("seq_len", 0)), labels, pooling)
+    return module, example, processing, notes
+
+
+def _model_class(transformers: Any, config: Any) -> tuple[Any, list[str]]:
+    """The transformers class ``config.architectures`` names, else ``AutoModel`` with a note saying why."""
+    names = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, names[0], None) if names else None
+    if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+        return cls, []
+    why = f"names {names[0]!r}, which transformers does not have" if names else "names no architecture"
+    return transformers.AutoModel, [f"config.json {why}: loaded with AutoModel (no task head)"]
+
+
+def _image_size(directory: str, config: Any, option: object) -> tuple[int, int]:
+    """``(height, width)`` of ``pixel_values``: the ``image_size`` option (``224`` or ``224x192``), else the
+    preprocessor config's crop size (when it crops) or size, else ``config.image_size``."""
+    import json
+
+    if option is not None:
+        text = str(option)
+        height, _, width = text.partition("x")
+        try:
+            return int(height), int(width or height)
+        except ValueError as exc:
+            raise ModelError(f"image_size {text!r} is not N or HxW", "pass -O image_size=224") from exc
+    preprocessor = os.path.join(directory, "preprocessor_config.json")
+    size: object = None
+    if os.path.isfile(preprocessor):
+        with open(preprocessor) as f:
+            pre = json.load(f)
+        size = pre.get("crop_size") if pre.get("do_center_crop") else None
+        size = size or pre.get("size")
+    if isinstance(size, dict):
+        if "height" in size and "width" in size:
+            return int(size["height"]), int(size["width"])
+        edge = size.get("shortest_edge") or size.get("longest_edge")
+        if edge:
+            return int(edge), int(edge)
+    if isinstance(size, int):
+        return size, size
+    image = getattr(config, "image_size", None)
+    if isinstance(image, int):
+        return image, image
+    if isinstance(image, (list, tuple)) and len(image) == 2:
+        return int(image[0]), int(image[1])
+    raise ModelError("no image size in preprocessor_config.json or config.json", "pass -O image_size=224")
