@@ -40,6 +40,9 @@ OIP_DATATYPES: dict[str, str] = {
 }
 """dtype name -> Open Inference Protocol (KServe v2, Triton) datatype: every dtype a plan's tensors may have."""
 FROM_OIP: dict[str, str] = {v: k for k, v in OIP_DATATYPES.items()}
+BYTES = "BYTES"
+"""OIP strings (not a tensor dtype of plans): numpy object arrays of ``bytes`` in requests; ``str`` or object
+arrays in answers."""
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 PLAN_DTYPES = ("float32", "float16", "bfloat16")
 """What ``partserve plan --dtype`` takes: the dtype of the weights and float activations."""
@@ -68,15 +71,21 @@ def is_float(name: str) -> bool:
 
 
 def oip_datatype(dtype: object) -> str:
-    """The OIP datatype of a dtype or dtype name (``bfloat16`` -> ``BF16``); ValueError when it has none."""
+    """The OIP datatype of a dtype or dtype name (``bfloat16`` -> ``BF16``; strings and objects ->
+    :data:`BYTES`); ValueError when it has none."""
     name = name_of(dtype)
+    if name == "object" or name.startswith(("str", "bytes")):
+        return BYTES
     if name not in OIP_DATATYPES:
         raise ValueError(f"dtype {name} has no Open Inference Protocol datatype")
     return OIP_DATATYPES[name]
 
 
 def from_oip(datatype: str) -> str:
-    """The dtype name of an OIP datatype (``FP16`` -> ``float16``); ValueError naming the known ones."""
+    """The dtype name of an OIP datatype (``FP16`` -> ``float16``, ``BYTES`` -> ``object``); ValueError naming
+    the known ones."""
+    if datatype == BYTES:
+        return "object"
     if datatype not in FROM_OIP:
         raise ValueError(f"unknown datatype {datatype!r}; known: {', '.join(FROM_OIP)}")
     return FROM_OIP[datatype]

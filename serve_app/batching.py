@@ -229,3 +229,37 @@ class PipelineBatcher(Generic[R]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+class Coalescer:
+    """Runs ``fn`` (blocking, in a thread) on the items of many callers at once: items that arrive while a
+    call runs wait and go together in the next one, so a burst of small requests costs a few large calls
+    (a tokenizer's batch call). ``fn`` takes a list of items and returns a payload with one row per item."""
+
+    def __init__(self, fn: Callable[[list], Payload]) -> None:
+        self.fn = fn
+        self.pending: list[tuple[list, asyncio.Future[Payload]]] = []
+        self.draining: asyncio.Task[None] | None = None
+
+    async def __call__(self, items: list) -> Payload:
+        """``fn``'s rows for ``items``."""
+        future: asyncio.Future[Payload] = asyncio.get_running_loop().create_future()
+        self.pending.append((items, future))
+        if self.draining is None or self.draining.done():
+            self.draining = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            sizes = [len(items) for items, _ in batch]
+            try:
+                rows = await asyncio.to_thread(self.fn, [x for items, _ in batch for x in items])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), part in zip(batch, split(rows, sizes)):
+                if not future.done():
+                    future.set_result(part)

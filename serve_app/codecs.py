@@ -2,7 +2,9 @@
 
 * Open Inference Protocol (KServe v2) JSON, ``application/json`` (the default), including the binary tensor
   extension: a JSON header of ``Inference-Header-Content-Length`` bytes followed by raw tensors, as sent and
-  read by ``tritonclient.http``.
+  read by ``tritonclient.http``. ``BYTES`` tensors are strings in JSON and, in binary, elements each
+  preceded by their length as a 4-byte little-endian integer (Triton's layout); they decode to numpy object
+  arrays of ``bytes``.
 * ``application/x-npy`` or ``application/octet-stream``: one ``.npy`` array, for single-input models; the
   answer is ``.npy`` (one output) or ``.npz`` (several).
 * ``application/vnd.apache.arrow.stream``: an Arrow IPC stream, one column per tensor, one row per sample;
@@ -319,6 +321,8 @@ def _oip_tensor(item: Any, raw: memoryview, expected: str, max_tensor_bytes: int
     check_declared(name, shape, dtype, max_tensor_bytes)
     count = math.prod(shape)
     size = _parameters(item).get("binary_data_size")
+    if dtype.kind == "O":
+        return _bytes_tensor(name, item.get("data"), shape, size, raw, expected)
     try:
         if size is not None:
             if type(size) is not int or size != count * dtype.itemsize or size > len(raw):
@@ -339,6 +343,44 @@ def _oip_tensor(item: Any, raw: memoryview, expected: str, max_tensor_bytes: int
         raise BadRequest(f"input {name!r}: data does not fit {item['datatype']} ({exc}); {expected}") from exc
 
 
+def _bytes_tensor(
+    name: str, data: object, shape: list[int], size: object, raw: memoryview, expected: str
+) -> tuple[np.ndarray, int]:
+    """A ``BYTES`` request tensor (an object array of ``bytes``) and the binary bytes it used: from JSON
+    strings, or from ``size`` bytes of length-prefixed elements."""
+    count = math.prod(shape)
+    out = np.empty(count, dtype=object)
+    if size is not None:
+        if type(size) is not int or size > len(raw):
+            raise BadRequest(f"input {name!r}: binary_data_size {size} does not fit the {len(raw)} bytes left")
+        pos = 0
+        for i in range(count):
+            length = int.from_bytes(raw[pos : pos + 4], "little") if pos + 4 <= size else -1
+            if length < 0 or pos + 4 + length > size:
+                raise BadRequest(
+                    f"input {name!r}: BYTES element {i} of {count} runs past binary_data_size {size} "
+                    f"(each element: a 4-byte little-endian length, then its bytes); {expected}"
+                )
+            out[i] = bytes(raw[pos + 4 : pos + 4 + length])
+            pos += 4 + length
+        if pos != size:
+            raise BadRequest(f"input {name!r}: {size - pos} bytes left after {count} BYTES elements; {expected}")
+        return out.reshape(shape), size
+    flat = data
+    for _ in range(len(shape) - 1):  # nested lists, one level per dimension, or flat
+        if isinstance(flat, list) and all(isinstance(x, list) for x in flat):
+            flat = [x for row in flat for x in row]
+    if not isinstance(flat, list) or len(flat) != count or not all(isinstance(x, str) for x in flat):
+        raise BadRequest(f"input {name!r}: BYTES data must be {count} strings for shape {shape}; {expected}")
+    for i, x in enumerate(flat):
+        out[i] = x.encode()
+    return out.reshape(shape), 0
+
+
+def _as_bytes(x: object) -> bytes:
+    return x if isinstance(x, bytes) else str(x).encode()
+
+
 def encode_oip(req: InferRequest, outputs: Mapping[str, np.ndarray], model_name: str) -> Encoded:
     names = req.outputs if req.outputs is not None else list(outputs)
     unknown = [n for n in names if n not in outputs]
@@ -349,10 +391,16 @@ def encode_oip(req: InferRequest, outputs: Mapping[str, np.ndarray], model_name:
     for name in names:
         a = outputs[name]
         t: dict[str, Any] = {"name": name, "datatype": oip_datatype(a.dtype), "shape": list(a.shape)}
+        strings = a.dtype.kind in "OUS"
         if name in req.binary or "*" in req.binary:
-            blob = np.ascontiguousarray(a).tobytes()
+            if strings:
+                blob = b"".join(len(b).to_bytes(4, "little") + b for b in map(_as_bytes, a.ravel().tolist()))
+            else:
+                blob = np.ascontiguousarray(a).tobytes()
             t["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif strings:
+            t["data"] = [x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in a.ravel().tolist()]
         else:
             t["data"] = a.ravel().tolist()
         tensors.append(t)

@@ -9,6 +9,21 @@ HTTP (the app's route prefix, usually ``/``):
 * ``POST /v2/models/{name}/infer``: OIP JSON (and its binary extension), ``.npy`` or Arrow IPC; see
   :mod:`serve_app.codecs`. The answer uses the request's format.
 
+A plan with processing (:mod:`partitions.processing`) also takes, instead of the model's inputs, an OIP
+``BYTES`` input ``text`` (one string per sample) that the entrance tokenizes in a thread, the texts of
+the requests that arrive meanwhile together in one call (:class:`~serve_app.batching.Coalescer`), and
+adds its answers to the outputs (``probabilities`` and ``label``, or ``embedding``). For such plans:
+
+* ``POST /v1/models/{name}:predict`` (KServe v1): ``{"instances": ["text", ...]}`` (or ``[{"text": ...}]``)
+  answers ``{"predictions": [{"label": ..., "probabilities": [...]}, ...]}`` (embedding models:
+  ``{"embedding": [...]}``).
+* ``POST /v1/embeddings`` (OpenAI): ``{"model": name, "input": "text" | ["text", ...], "encoding_format":
+  "float" | "base64"}`` answers the OpenAI embeddings object (base64: little-endian float32), for embedding
+  models.
+
+Integer inputs that index an embedding (``plan.input_limits``) must hold valid rows: others answer 400
+naming the range.
+
 Deadlines: every request has one, ``EntranceConfig.request_timeout_s`` (60 s by default) from its arrival. A
 client may shorten it with the header ``X-Request-Timeout-Ms: <ms>`` or, in OIP JSON, the request parameter
 ``"parameters": {"timeout_ms": <ms>}`` (the smaller counts; a value above the server's is ignored). The
@@ -55,12 +70,15 @@ through Ray's object store, and many requests are in flight at once. A batch tha
 # No ``from __future__ import annotations``: FastAPI must see ``Request`` itself in the route signatures.
 
 import asyncio
+import base64
+import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -71,11 +89,12 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from partitions.artifacts import read_plan
 from partitions.dtypes import accepted_datatypes, is_float, oip_datatype
 from partitions.plan import Plan
+from partitions.processing import TEXT_INPUT, Processor
 from partitions.runtime import outputs_of
 from partitions.types import Payload, TensorSpec
 from serve_app import codecs
 from serve_app.auth import CHALLENGE, authorized, load_token
-from serve_app.batching import PipelineBatcher, run_together, samples
+from serve_app.batching import Coalescer, PipelineBatcher, run_together, samples
 from serve_app.cache import ResultCache, input_key, plan_version
 from serve_app.config import EntranceConfig
 from serve_app.names import ARRIVED_METRIC, QUEUED_METRIC
@@ -250,6 +269,31 @@ def _client_timeout_s(header: str | None, parameter_ms: int | None) -> float | N
     return min(given) / 1e3 if given else None
 
 
+def _texts(array: np.ndarray) -> list[str]:
+    """The strings of a ``text`` input: shape ``[n]`` or ``[n, 1]``, UTF-8 (400 otherwise)."""
+    if not (array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)) or array.shape[0] < 1:
+        raise BadRequest(f"input {TEXT_INPUT!r} has shape {list(array.shape)}; expected [-1] BYTES, one text each")
+    texts = []
+    for x in array.ravel().tolist():
+        if isinstance(x, str):
+            texts.append(x)
+            continue
+        if not isinstance(x, bytes):
+            raise BadRequest(f"input {TEXT_INPUT!r} must hold strings (BYTES), got {type(x).__name__}")
+        try:
+            texts.append(x.decode())
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"input {TEXT_INPUT!r}: element {len(texts)} is not UTF-8 ({exc})") from exc
+    return texts
+
+
+def _encode_vector(v: np.ndarray, fmt: str) -> list[float] | str:
+    """An embedding as OpenAI sends it: a list of floats, or base64 of its little-endian float32 bytes."""
+    if fmt == "base64":
+        return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode()
+    return v.astype(np.float32).tolist()
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Entrance:
@@ -275,6 +319,11 @@ class Entrance:
         )
         self.cache = ResultCache(config.cache_bytes) if config.cache_bytes else None
         self.version = plan_version(self.plan)
+        processing = self.plan.processing
+        self.processor = (
+            Processor(config.plan_uri, processing, self.plan.inputs, self.plan.outputs) if processing else None
+        )
+        self.tokenize = Coalescer(self.processor.tokenize) if self.processor and self.processor.tokenizer else None
         self.arrived = 0.0
         """Requests sent towards the pipeline so far, in pipeline batches (samples / ``max_batch_size``)."""
 
@@ -290,7 +339,29 @@ class Entrance:
             if len(self.plan.inputs) != 1:
                 raise BadRequest(f"the model takes inputs {[t.name for t in self.plan.inputs]}: pass a dict")
             inputs = {self.plan.inputs[0].name: inputs}
-        return await self._serve(check_inputs(self.plan.inputs, inputs), deadline)
+        payload = await self._model_inputs(inputs)
+        return self._finish(await self._serve(payload, deadline), payload)
+
+    async def _model_inputs(self, arrays: Mapping[str, np.ndarray]) -> Payload:
+        """The model's inputs, checked against the plan: ``arrays`` themselves, or the tokens of a ``text``
+        input (tokenized in a thread)."""
+        if self.tokenize is not None and TEXT_INPUT in arrays:
+            if len(arrays) != 1:
+                raise BadRequest(f"send {TEXT_INPUT!r} alone or the model's inputs, not both: got {sorted(arrays)}")
+            arrays = await self.tokenize(_texts(arrays[TEXT_INPUT]))
+        return check_inputs(self.plan.inputs, arrays, self.plan.input_limits)
+
+    def _finish(self, outputs: dict[str, np.ndarray], payload: Payload) -> dict[str, np.ndarray]:
+        """The model's outputs with the processing's answers added."""
+        return outputs if self.processor is None else self.processor.finish(outputs, payload)
+
+    def _input_specs(self) -> list[TensorSpec]:
+        extra = self.processor.input_specs() if self.processor is not None else []
+        return [*self.plan.inputs, *extra]
+
+    def _output_specs(self) -> list[TensorSpec]:
+        extra = self.processor.output_specs() if self.processor is not None else []
+        return [*self.plan.outputs, *extra]
 
     async def _serve(self, payload: Payload, deadline: Deadline) -> dict[str, np.ndarray]:
         """One request: from the cache, or batched with others through the pipeline (a request as large as
@@ -396,8 +467,8 @@ class Entrance:
                 "name": self.model_name,
                 "versions": ["1"],
                 "platform": "pytorch_partserve",
-                "inputs": _metadata(self.plan.inputs, _input_parameters),
-                "outputs": _metadata(self.plan.outputs, _output_parameters),
+                "inputs": _metadata(self._input_specs(), _input_parameters),
+                "outputs": _metadata(self._output_specs(), _output_parameters),
                 "parameters": {"dtype": self.plan.dtype},
             }
         )
@@ -410,24 +481,39 @@ class Entrance:
 
     @api.post("/v2/models/{name}/infer")
     async def infer_http(self, name: str, request: Request) -> Response:
+        return await self._guarded(name, request, self._answer)
+
+    @api.post("/v1/models/{name}:predict")
+    async def predict_v1(self, name: str, request: Request) -> Response:
+        return await self._guarded(name, request, self._predict)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        return await self._guarded(None, request, self._embeddings)
+
+    async def _guarded(
+        self, name: str | None, request: Request, answer: Callable[[Request, float, "Held"], Awaitable[Response]]
+    ) -> Response:
+        """``answer(request, arrival_s, held)`` for an authorised request to model ``name`` (None: named in
+        the body), its errors turned into 4xx and 5xx answers and its bytes counted in ``held``."""
         arrival_s = time.time()
         if (denied := self._denied(request)) is not None:
             return denied
-        if name != self.model_name:
+        if name is not None and name != self.model_name:
             return self._unknown(name)
         held = self.inflight.hold()
         try:
-            return await self._answer(request, arrival_s, held)
+            return await answer(request, arrival_s, held)
         except Unread as unread:
             # Refused before its body was read: closing the connection stops the upload (clients read the
             # answer before the write fails) instead of receiving a body nobody will use.
-            answer = (
+            refused = (
                 _error(unread.error.status, str(unread.error))
                 if isinstance(unread.error, BadRequest)
                 else (_unavailable(unread.error))
             )
-            answer.headers["Connection"] = "close"
-            return answer
+            refused.headers["Connection"] = "close"
+            return refused
         except BadRequest as exc:
             return _error(exc.status, str(exc))
         except Unavailable as exc:
@@ -452,14 +538,78 @@ class Entrance:
         del body  # from here the request holds its tensors (a .npy body's tensor is a view of it)
         req.output_datatype = req.output_datatype or request.headers.get(codecs.OUTPUT_DATATYPE_HEADER)
         codecs.check_output_datatype(req, self.plan.outputs)
-        payload = check_inputs(self.plan.inputs, req.arrays)
+        payload = await self._model_inputs(req.arrays)
         req.arrays = {}
         held.set(sum(a.nbytes for a in payload.values()))
         deadline = Deadline.of(arrival_s, self.request_timeout_s, _client_timeout_s(timeout_header, req.timeout_ms))
-        outputs = await self._serve(payload, deadline)
+        outputs = self._finish(await self._serve(payload, deadline), payload)
         del payload
         out = await codecs.encode_async(req, outputs, self.model_name)
         return Response(out.body, media_type=out.media_type, headers=out.headers)
+
+    async def _text_answers(
+        self, texts: list[str], request: Request, arrival_s: float, held: "Held"
+    ) -> tuple[Payload, dict[str, np.ndarray]]:
+        """The model's inputs for ``texts`` and the answers to them (model outputs and processing's)."""
+        if self.tokenize is None:
+            raise BadRequest(f"model {self.model_name!r} takes no text: POST tensors to /v2/models/{{name}}/infer", 404)
+        payload = await self._model_inputs({TEXT_INPUT: np.array([t.encode() for t in texts], dtype=object)})
+        held.set(sum(a.nbytes for a in payload.values()))
+        timeout_s = _client_timeout_s(request.headers.get(TIMEOUT_HEADER), None)
+        deadline = Deadline.of(arrival_s, self.request_timeout_s, timeout_s)
+        return payload, self._finish(await self._serve(payload, deadline), payload)
+
+    async def _json_body(self, request: Request, held: "Held") -> Any:
+        body = await self._body(request, held)
+        try:
+            if len(body) < codecs.OFFLOAD_BYTES:
+                return json.loads(body)
+            return await asyncio.to_thread(json.loads, body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise BadRequest(f"body is not valid JSON ({str(exc)[:200]})") from exc
+
+    async def _predict(self, request: Request, arrival_s: float, held: "Held") -> Response:
+        """KServe v1: ``{"instances": [text or {"text": text}, ...]}`` -> ``{"predictions": [{output: value}]}``."""
+        doc = await self._json_body(request, held)
+        instances = doc.get("instances") if isinstance(doc, dict) else None
+        if not isinstance(instances, list) or not instances:
+            raise BadRequest('expected {"instances": ["text", ...]} (or [{"text": "..."}, ...]) with 1 or more')
+        given = [x.get(TEXT_INPUT) if isinstance(x, dict) and len(x) == 1 else x for x in instances]
+        texts = [t for t in given if isinstance(t, str)]
+        if len(texts) != len(given):
+            raise BadRequest('each instance must be a string or {"text": string}')
+        _, outputs = await self._text_answers(texts, request, arrival_s, held)
+        assert self.processor is not None
+        names = [t.name for t in self.processor.output_specs()] or list(outputs)
+        predictions = [{n: outputs[n][i].tolist() for n in names} for i in range(len(texts))]
+        return JSONResponse({"predictions": predictions})
+
+    async def _embeddings(self, request: Request, arrival_s: float, held: "Held") -> Response:
+        """OpenAI ``/v1/embeddings``: ``input`` one text or a list, ``encoding_format`` float or base64."""
+        doc = await self._json_body(request, held)
+        if not isinstance(doc, dict):
+            raise BadRequest('expected {"model": ..., "input": "text" or ["text", ...]}')
+        model = doc.get("model")
+        if model is not None and model != self.model_name:
+            raise BadRequest(f"unknown model {str(model)[:100]!r}; this server has {self.model_name!r}", 404)
+        if self.processor is None or self.processor.task != "embedding":
+            raise BadRequest(
+                f"model {self.model_name!r} is not an embedding model: POST /v1/models/{self.model_name}:predict", 404
+            )
+        given = doc.get("input")
+        texts = [given] if isinstance(given, str) else given
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise BadRequest("'input' must be a string or a non-empty list of strings (token ids are not taken)")
+        fmt = doc.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise BadRequest(f"encoding_format {str(fmt)[:50]!r}: use float or base64")
+        payload, outputs = await self._text_answers(texts, request, arrival_s, held)
+        vectors = outputs["embedding"]
+        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, fmt)} for i, v in enumerate(vectors)]
+        mask = payload.get(self.processor.processing.mask_input)
+        tokens = int(mask.sum()) if mask is not None else sum(a.size for a in payload.values())
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse({"object": "list", "data": data, "model": self.model_name, "usage": usage})
 
     async def _body(self, request: Request, held: "Held") -> bytes:
         """The request body, refusing more than ``max_body_bytes`` (413) before reading it all. Its bytes are

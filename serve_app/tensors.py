@@ -32,9 +32,14 @@ def _takes(name: str) -> str:
     return f"{name}; {', '.join(also)} taken" if also else name
 
 
-def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> Payload:
+def check_inputs(
+    specs: Sequence[TensorSpec],
+    arrays: Mapping[str, np.ndarray],
+    limits: Mapping[str, tuple[int, int]] | None = None,
+) -> Payload:
     """The request tensors, checked against ``specs``: names, dtypes and shapes (dim 0 is the batch, the same
-    for every input and >= 1)."""
+    for every input and >= 1), and the values of inputs with ``limits`` (``[low, high)``: ids of an
+    embedding's rows) within them."""
     expected = f"expected {describe(specs)}"
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
@@ -53,6 +58,13 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) 
         out[spec.name] = np.ascontiguousarray(taken)
     if len(batches) > 1:
         raise BadRequest(f"inputs have different batch sizes {sorted(batches)}; {expected}")
+    for name, (low, high) in (limits or {}).items():
+        ids = out.get(name)
+        if ids is not None and ids.size and (int(ids.min()) < low or int(ids.max()) >= high):
+            raise BadRequest(
+                f"input {name!r} holds values from {int(ids.min())} to {int(ids.max())}; it indexes an embedding "
+                f"of {high - low} rows: values must be in [{low}, {high})"
+            )
     return out
 
 

@@ -116,3 +116,68 @@ def test_concat_and_split_by_request_batch() -> None:
     assert sizes == [1, 3, 2] and merged["v"].shape == (6, 2)
     for part, original in zip(split(merged, sizes), payloads):
         assert all((part[k] == original[k]).all() for k in original)
+
+
+TEXT = [TensorSpec("text", (-1,), "object")]
+
+
+def test_bytes_inputs_from_json_strings_and_tritons_binary_layout() -> None:
+    from tritonclient.utils import serialize_byte_tensor
+
+    texts = ["héllo", "", "a longer text"]
+    body = json.dumps({"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": texts}]}).encode()
+    want = [t.encode() for t in texts]
+    assert codecs.decode(body, None, None, TEXT).arrays["text"].tolist() == want
+    blob = serialize_byte_tensor(np.array(want, dtype=object)).tobytes()  # 4-byte little-endian length, then bytes
+    size = {"binary_data_size": len(blob)}
+    header = json.dumps({"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "parameters": size}]}).encode()
+    got = codecs.decode(header + blob, codecs.OCTET, str(len(header)), TEXT).arrays["text"]
+    assert got.dtype == object and got.tolist() == want
+
+
+@pytest.mark.parametrize(
+    ("data", "blob", "match"),
+    [
+        ([1, 2], None, "must be 2 strings"),
+        (["one"], None, "must be 2 strings"),
+        (None, (5).to_bytes(4, "little") + b"abc", "runs past binary_data_size"),
+        (None, (1).to_bytes(4, "little") + b"a" + (1).to_bytes(4, "little") + b"bX", "1 bytes left after"),
+        (None, b"\x01\x00", "runs past"),
+    ],
+)
+def test_malformed_bytes_inputs_are_400(data: list | None, blob: bytes | None, match: str) -> None:
+    item: dict = {"name": "text", "shape": [2], "datatype": "BYTES"}
+    if blob is None:
+        body = json.dumps({"inputs": [{**item, "data": data}]}).encode()
+        header_length = None
+    else:
+        header = json.dumps({"inputs": [{**item, "parameters": {"binary_data_size": len(blob)}}]}).encode()
+        body, header_length = header + blob, str(len(header))
+    with pytest.raises(BadRequest, match=match) as info:
+        codecs.decode(body, None, header_length, TEXT)
+    assert info.value.status == 400
+
+
+def test_string_outputs_as_json_strings_and_length_prefixed_binary() -> None:
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    labels = np.array(["positive", "négative"])
+    req = codecs.InferRequest({}, "json")
+    doc = json.loads(codecs.encode(req, {"label": labels}, "m").body)
+    assert doc["outputs"][0] == {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["positive", "négative"]}
+    req.binary = {"*"}
+    out = codecs.encode(req, {"label": labels}, "m")
+    split_at = int(out.headers[codecs.HEADER_LENGTH])
+    assert deserialize_bytes_tensor(out.body[split_at:]).tolist() == [b"positive", "négative".encode()]
+
+
+def test_ids_outside_an_embedding_are_400_naming_the_range() -> None:
+    specs = [TensorSpec("input_ids", (-1, 3), "int64"), TensorSpec("attention_mask", (-1, 3), "int64")]
+    limits = {"input_ids": (0, 100)}
+    ok = {"input_ids": np.array([[0, 5, 99]]), "attention_mask": np.array([[1, 1, 7]])}  # the mask has no limit
+    check_inputs(specs, ok, limits)
+    for bad in (100, -1, 2**40):
+        ids = {**ok, "input_ids": np.array([[0, bad, 1]])}
+        with pytest.raises(BadRequest, match=r"values must be in \[0, 100\)") as info:
+            check_inputs(specs, ids, limits)
+        assert info.value.status == 400
