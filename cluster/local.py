@@ -46,11 +46,14 @@ def start(
     return name
 
 
-def deploy_config(config: dict[str, Any], address: str | None = None, num_gpus: int | None = None) -> list[str]:
+def deploy_config(
+    config: dict[str, Any], address: str | None = None, num_gpus: int | None = None, log_to_driver: bool = True
+) -> list[str]:
     """Deploy a Serve config (as ``serve deploy config.yaml`` does) on the Ray at ``address``, or a new local
-    one with ``num_gpus`` logical GPUs; returns the application names without waiting for them."""
+    one with ``num_gpus`` logical GPUs; returns the application names without waiting for them.
+    ``log_to_driver``: print the Ray processes' logs here (else they stay in Ray's session logs)."""
     if not ray.is_initialized():
-        ray.init(address=address or "local", num_gpus=num_gpus, include_dashboard=False)
+        ray.init(address=address or "local", num_gpus=num_gpus, include_dashboard=False, log_to_driver=log_to_driver)
     return deploy_apps(config)
 
 

@@ -138,6 +138,12 @@ def plan(
         return
     m = result.model
     console.print(f"captured [bold]{m['spec']}[/bold] by {m['capture']}: {m['capture_reason']}", highlight=False)
+    for note in m.get("notes", []):
+        console.print(f"[yellow]note[/yellow]: {note}", highlight=False)
+    if result.processing is not None:
+        p = result.processing
+        text = f"text in ({p.max_length} tokens)" if p.tokenizer else "tensors in"
+        console.print(f"entrance: {text}, {p.task} answers out; input limits {result.input_limits}", highlight=False)
     rows = [
         [
             s.index,

@@ -4,27 +4,54 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from partserve.cli.output import console, domain_errors, emit_json, err_console, progress_bar
+from partserve.cli.output import console, domain_errors, emit_json, err_console, parse_pairs, progress_bar
+
+if TYPE_CHECKING:
+    from partitions.plan import Plan
 
 DEFAULT_MODEL = "demo-transformer"
 DEFAULT_STAGES = 4
 
 
+def cache_root() -> str:
+    """``$PARTSERVE_CACHE`` or ``~/.cache/partserve``."""
+    return os.environ.get("PARTSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "partserve")
+
+
 def cache_dir() -> str:
-    """Where ``run`` keeps the plans it makes: ``$PARTSERVE_CACHE`` or ``~/.cache/partserve``."""
-    root = os.environ.get("PARTSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "partserve")
-    return os.path.join(root, "plans")
+    """Where ``run`` keeps the plans it makes."""
+    return os.path.join(cache_root(), "plans")
 
 
-def resolve_plan(target: str | None, stages: int, batch_size: int, show_progress: bool) -> str:
-    """A plan URI for ``target``: a plan directory as given, else MODEL planned once into the cache."""
+def plan_key(spec: str, stages: int, batch_size: int, options: dict[str, Any] | None = None) -> str:
+    """The cache key of a plan ``run`` makes: the model (for a directory, also its files' names, sizes and
+    modification times, so a model saved again is planned again), the planning options and the plan
+    schema version (a partserve that writes another version plans again)."""
+    from partitions.plan import SCHEMA_VERSION
+
+    files: list[tuple[str, int, int]] = []
+    if os.path.isdir(spec):
+        for root, _, names in os.walk(spec):
+            for name in sorted(names):
+                st = os.stat(os.path.join(root, name))
+                files.append((os.path.relpath(os.path.join(root, name), spec), st.st_size, st.st_mtime_ns))
+    parts = [spec, stages, batch_size, SCHEMA_VERSION, sorted(files), sorted((options or {}).items())]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+
+
+def resolve_plan(
+    target: str | None, stages: int, batch_size: int, show_progress: bool, options: dict[str, Any] | None = None
+) -> str:
+    """A plan URI for ``target``: a plan directory as given, else MODEL planned once (with model ``options``)
+    into the cache."""
     from partitions.artifacts import read_file
     from partitions.errors import ArtifactError
     from partitions.partition import PlanOptions, build_plan
@@ -38,16 +65,19 @@ def resolve_plan(target: str | None, stages: int, batch_size: int, show_progress
         except ArtifactError:
             pass  # not a plan directory: a MODEL spec
     spec = target or DEFAULT_MODEL
-    key = hashlib.sha256(json.dumps([spec, stages, batch_size, 1]).encode()).hexdigest()[:12]
+    key = plan_key(spec, stages, batch_size, options)
     uri = os.path.join(cache_dir(), f"{os.path.basename(spec.rstrip('/')) or 'model'}-{key}")
     if os.path.exists(os.path.join(uri, PLAN_FILE)):
         return uri
+    if show_progress:
+        err_console.print(f"planning {spec} into {stages} stages (once; cached in {uri}) ...", highlight=False)
     import torch
 
     # Stage replicas on CPU run one torch thread each (Ray's default for num_cpus=0): profile the same way.
     threads = None if torch.cuda.is_available() else 1
     with progress_bar(show_progress) as progress:
-        build_plan(load_model(spec, {}, batch_size), uri, PlanOptions(stages=stages, threads=threads), progress)
+        source = load_model(spec, dict(options or {}), batch_size)
+        build_plan(source, uri, PlanOptions(stages=stages, threads=threads), progress)
     return uri
 
 
@@ -84,19 +114,49 @@ def _serve_config(
     )
 
 
-def curl_example(url: str, model: str, inputs: list) -> str:
-    """A one-sample OIP JSON request for the plan's inputs (zeros), as a curl command."""
+def curl_example(url: str, model: str, plan: Plan) -> str:
+    """A one-sample request as a curl command: raw text where the plan tokenizes it (to the KServe v1 or
+    OpenAI route its task has), else OIP JSON with zeros for the plan's inputs."""
+    from partitions.dtypes import oip_datatype
+
+    processing = plan.processing
+    post = f"curl -s {url}/{{}} -H 'Content-Type: application/json' -d '{{}}'"
+    if processing is not None and processing.tokenizer:
+        if processing.task == "embedding":
+            return post.format("v1/embeddings", json.dumps({"model": model, "input": ["a sentence to embed"]}))
+        if processing.task == "classification":
+            return post.format(f"v1/models/{model}:predict", json.dumps({"instances": ["a sentence to classify"]}))
+        text = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["some text"]}
+        return post.format(f"v2/models/{model}/infer", json.dumps({"inputs": [text]}))
     tensors = []
-    for spec in inputs:
+    for spec in plan.inputs:
         shape = [1 if d == -1 else d for d in spec.shape]
         size = 1
         for d in shape:
             size *= d
-        from partitions.dtypes import oip_datatype
-
         tensors.append({"name": spec.name, "shape": shape, "datatype": oip_datatype(spec.dtype), "data": [0] * size})
     body = json.dumps({"inputs": tensors}, separators=(",", ":"))
-    return f"curl -s {url}/v2/models/{model}/infer -H 'Content-Type: application/json' -d '{body}'"
+    return post.format(f"v2/models/{model}/infer", body)
+
+
+RAY_LOGGERS = ("ray", "ray.serve")
+"""Loggers of Ray and Serve in this process (records of their other processes stay in Ray's session logs)."""
+
+
+def ray_logs_to_file(path: str) -> None:
+    """Send this process's Ray and Serve log records to ``path``; the terminal keeps their warnings and
+    errors only."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    import ray  # noqa: F401  (sets up the "ray" logger and its terminal handler)
+
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
+        logger.addHandler(to_file)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -162,25 +222,30 @@ def with_scaling(fn):
     help="Stages when planning MODEL.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("-O", "--model-option", "model_opts", multiple=True, help="Model option KEY=VALUE when planning MODEL.")
 @click.option("--address", help="Join this Ray cluster (e.g. auto or ray://host:10001) instead of starting one.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @with_scaling
 @click.option("--json", "as_json", is_flag=True, help="Print the ready line as JSON.")
+@click.option("--verbose", is_flag=True, help="Show Ray's and Serve's logs here too (else: in a file).")
 @domain_errors
 def run(
     target: str | None,
     stages: int,
     batch_size: int,
+    model_opts: tuple[str, ...],
     address: str | None,
     host: str,
     port: int,
     as_json: bool,
+    verbose: bool,
     **scaling: Any,
 ) -> None:
-    """Serve TARGET (a plan directory, or a MODEL planned once into a cache; default: the demo transformer)
-    on a local Ray, or the cluster at --address, until Ctrl-C or SIGTERM (also while planning or deploying;
-    either stops what it started and exits with 0)."""
+    """Serve TARGET (a plan directory, a MODEL planned once into a cache, such as a Hugging Face model
+    directory; default: the demo transformer) on a local Ray, or the cluster at --address, until Ctrl-C or
+    SIGTERM (also while planning or deploying; either stops what it started and exits with 0). Prints its
+    progress and the ready line; Ray's and Serve's logs go to a file it names (--verbose: here too)."""
     stop_on_signals()
     from cluster import local
     from partitions.artifacts import read_plan
@@ -188,16 +253,26 @@ def run(
 
     started = time.monotonic()
     names: list[str] | None = None
+    say = (lambda text: None) if as_json else (lambda text: err_console.print(text, highlight=False))
     try:
-        uri = resolve_plan(target, stages, batch_size, not as_json)
+        uri = resolve_plan(target, stages, batch_size, not as_json, parse_pairs(model_opts, "-O"))
         plan = read_plan(uri)
+        for note in plan.model.get("notes", []):
+            say(f"[yellow]note[/yellow]: {note}")
         if scaling["token_file"]:  # read by replicas on this machine
             scaling["token_file"] = os.path.abspath(scaling["token_file"])
         config = _serve_config(uri, None, host, port, **scaling)
-        if not as_json:
-            err_console.print(f"deploying {len(plan.stages)} stages of {plan.model['spec']} from {uri} ...")
-        names = local.deploy_config(config, address)
+        if not verbose:
+            log_file = os.path.join(cache_root(), "logs", f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+            ray_logs_to_file(log_file)
+        say(f"starting Ray and deploying {len(plan.stages)} stages of {plan.model['spec']} from {uri} ...")
+        names = local.deploy_config(config, address, log_to_driver=verbose)
         stop_on_signals()
+        if not verbose:
+            from serve_app.ray_internals import session_dir
+
+            say(f"logs: {log_file} (this process); {os.path.join(session_dir(), 'logs')} (Ray's and Serve's)")
+        say("waiting for the replicas to load their stages ...")
         local.wait_running(names)
         url = f"http://{host}:{port}"
         local.wait_ready(url)
@@ -208,7 +283,7 @@ def run(
             "stages": len(plan.stages),
             "plan": uri,
             "ready_after_s": round(time.monotonic() - started, 1),
-            "curl": curl_example(url, model, plan.inputs),
+            "curl": curl_example(url, model, plan),
         }
         if as_json:
             emit_json(ready)

@@ -69,7 +69,7 @@ def run_app(plan_dir: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The application section ``partserve run PLAN_DIR`` deploys (it stops at the deploy)."""
     from cluster import local
 
-    def deploy_config(config: dict[str, Any], address: str | None = None) -> list[str]:
+    def deploy_config(config: dict[str, Any], address: str | None = None, **_: Any) -> list[str]:
         raise Deployed(config)
 
     monkeypatch.setattr(local, "deploy_config", deploy_config)
