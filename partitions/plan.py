@@ -253,6 +253,9 @@ class Plan:
         lost = [v for v in self.output_values if v not in final]
         if lost:
             out.append(f"outputs {lost} are not sent by the last stages")
+        unknown = sorted(set(self.input_limits) - model_inputs)
+        if unknown:
+            out.append(f"input_limits name {unknown}, which are no model inputs")
         if len(self.outputs) != len(self.output_values):
             out.append(f"{len(self.outputs)} outputs but {len(self.output_values)} output values")
         return out

@@ -160,7 +160,9 @@ def normalise(x: np.ndarray) -> np.ndarray:
 class Processor:
     """The entrance's processing for a plan: tokenizing texts and adding answers to the outputs."""
 
-    def __init__(self, uri: str, processing: Processing, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]):
+    def __init__(
+        self, uri: str, processing: Processing, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+    ) -> None:
         """Reads the processing files from the plan at ``uri`` (each checked against its hash)."""
         self.processing = processing
         self.inputs = list(inputs)

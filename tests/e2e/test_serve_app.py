@@ -10,11 +10,13 @@ import concurrent.futures
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -25,6 +27,7 @@ from ray import serve
 
 from cluster import local
 from partitions.dtypes import from_oip, np_dtype, oip_datatype
+from partitions.plan import PLAN_FILE
 from serve_app import codecs
 from serve_app.app import AppArgs, build_app
 from serve_app.tensors import BadRequest
@@ -44,14 +47,29 @@ class Served:
     transformer: PlannedModel
 
 
+def as_version_1(uri: str, out: Path) -> str:
+    """A copy of the plan at ``uri`` as schema version 1 wrote it: without input limits (nor processing)."""
+    shutil.copytree(uri, out)
+    doc = json.loads((out / PLAN_FILE).read_text())
+    doc.update(schema_version=1)
+    for key in ("input_limits", "processing"):
+        doc.pop(key)
+    (out / PLAN_FILE).write_text(json.dumps(doc))
+    return str(out)
+
+
 @pytest.fixture(scope="module")
-def served(serve_instance: str, mlp: PlannedModel, planned: Planner) -> Iterator[Served]:
+def served(
+    serve_instance: str, mlp: PlannedModel, planned: Planner, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     transformer = planned(TRANSFORMER)
     url = serve_instance
     port = int(url.rsplit(":", 1)[1])
+    # A version-1 plan loads; having no input limits, it lets token ids past the vocabulary reach the model.
+    transformer_v1 = as_version_1(transformer.uri, tmp_path_factory.mktemp("v1") / "transformer")
     try:
         # Deploy the transformer in the background while local.start deploys the MLP.
-        args = AppArgs(plan_uri=transformer.uri, num_cpus=0, max_batch_size=4, batch_wait_timeout_s=0.002)
+        args = AppArgs(plan_uri=transformer_v1, num_cpus=0, max_batch_size=4, batch_wait_timeout_s=0.002)
         serve.run_many(
             [serve.RunTarget(build_app(args), name="transformer", route_prefix="/transformer")],
             wait_for_applications_running=False,
@@ -282,7 +300,8 @@ def test_bad_input_answers_4xx_and_server_keeps_working(served: Served) -> None:
     assert "mlp" in check(httpx.post(f"{served.url}/v2/models/nope/infer", json=oip_json(good)), 404)
     check(httpx.post(url, content=b"0" * (MAX_BODY + 1), headers={"content-type": codecs.NPY}), 413)
 
-    # An input the specs accept but the model rejects (token ids past the vocabulary) fails alone.
+    # An input the plan accepts but the model rejects (token ids past the vocabulary, which a version-1 plan
+    # has no limits for) fails alone.
     bad_tokens = {"tokens": np.full((1, 16), 10**6, np.int64)}
     fine = served.transformer.sample(3, seed=12)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

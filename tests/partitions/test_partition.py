@@ -10,7 +10,7 @@ import pytest
 from partitions.artifacts import read_plan
 from partitions.inputs import random_inputs
 from partitions.partition import PlanOptions, build_plan
-from partitions.plan import PLAN_FILE
+from partitions.plan import PLAN_FILE, SCHEMA_VERSION
 from partitions.runtime import StageRunner, load_pipeline, run_pipeline, stage_payload
 from partitions.source import load_model
 from partitions.verify import verify
@@ -47,7 +47,9 @@ def test_plan_verifies_against_the_model(spec: str, stages: int, options: dict, 
 def test_plan_json_is_versioned_and_complete(tmp_path) -> None:
     plan, uri = plan_of("demo-transformer", 2, tmp_path, layers=2, width=32, seq_len=8)
     raw = json.loads((tmp_path / "plan" / PLAN_FILE).read_text())
-    assert raw["schema_version"] == 1
+    assert raw["schema_version"] == SCHEMA_VERSION
+    assert raw["input_limits"] == {"tokens": [0, 1000]}  # the embedding's rows (vocab 1000), not the example's ids
+    assert raw["processing"] is None
     for key in ("model", "inputs", "outputs", "nodes", "stages", "summary"):
         assert key in raw
     node = raw["nodes"][0]
