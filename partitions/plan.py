@@ -256,6 +256,13 @@ class Plan:
         unknown = sorted(set(self.input_limits) - model_inputs)
         if unknown:
             out.append(f"input_limits name {unknown}, which are no model inputs")
+        p = self.processing
+        if p is not None:
+            needed = {"classification": p.logits_output, "embedding": p.hidden_output}.get(p.task, "")
+            if p.task not in ("classification", "embedding", "none"):
+                out.append(f"processing task {p.task!r} is not classification, embedding or none")
+            elif needed and needed not in {t.name for t in self.outputs}:
+                out.append(f"processing task {p.task} reads output {needed!r}, which the model does not have")
         if len(self.outputs) != len(self.output_values):
             out.append(f"{len(self.outputs)} outputs but {len(self.output_values)} output values")
         return out

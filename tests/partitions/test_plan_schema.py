@@ -118,3 +118,15 @@ def test_run_plan_cache_is_keyed_on_the_schema_version(monkeypatch: pytest.Monke
     before = plan_key(str(model_dir), 2, 8)
     (model_dir / "model.safetensors").write_bytes(b"new weights")
     assert plan_key(str(model_dir), 2, 8) != before  # a model saved again is planned again
+
+
+def test_limits_and_processing_must_fit_the_model() -> None:
+    plan = replace(
+        small_plan(),
+        input_limits={"tokens": (0, 9)},
+        processing=Processing(task="classification", logits_output="scores"),
+    )
+    problems = " ".join(plan.problems())
+    assert "input_limits name ['tokens']" in problems and "reads output 'scores'" in problems
+    with pytest.raises(ArtifactError, match="inconsistent"):
+        Plan.from_json(plan.to_json())
