@@ -226,7 +226,7 @@ class Processor:
 
 def load_tokenizer(uri: str, files: Sequence[ProcessingFile]) -> Any:
     """The tokenizer saved in a plan's processing files (``transformers.AutoTokenizer``), read from ``uri``
-    and checked against the hashes in ``files``."""
+    and checked against the hashes in ``files``; one without a padding token pads with its end token."""
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:
@@ -239,6 +239,9 @@ def load_tokenizer(uri: str, files: Sequence[ProcessingFile]) -> Any:
             os.makedirs(os.path.dirname(local), exist_ok=True)
             with open(local, "wb") as out:
                 out.write(data)
-        return AutoTokenizer.from_pretrained(scratch)
+        tokenizer = AutoTokenizer.from_pretrained(scratch)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # GPT-2 and kin: the mask hides padding whatever its id
+        return tokenizer
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
