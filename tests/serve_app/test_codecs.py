@@ -128,7 +128,7 @@ def test_bytes_inputs_from_json_strings_and_tritons_binary_layout() -> None:
     body = json.dumps({"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": texts}]}).encode()
     want = [t.encode() for t in texts]
     assert codecs.decode(body, None, None, TEXT).arrays["text"].tolist() == want
-    blob = serialize_byte_tensor(np.array(want, dtype=object)).tobytes()  # 4-byte little-endian length, then bytes
+    blob = serialize_byte_tensor(np.array(want, dtype=object)).item()  # 4-byte little-endian length, then bytes
     size = {"binary_data_size": len(blob)}
     header = json.dumps({"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "parameters": size}]}).encode()
     got = codecs.decode(header + blob, codecs.OCTET, str(len(header)), TEXT).arrays["text"]
