@@ -40,9 +40,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def write_file(uri: str, name: str, data: bytes) -> None:
+    """Write ``data`` to ``name`` (a path relative to ``uri``, which may hold folders) in ``uri``."""
     fs, base = resolve(uri)
-    fs.create_dir(base, recursive=True)
-    with fs.open_output_stream(f"{base}/{name}") as f:
+    path = f"{base}/{name}"
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
         f.write(data)
 
 
