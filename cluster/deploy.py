@@ -26,11 +26,11 @@ def pipeline_policy(plan: Plan, args: AppArgs, gpu_budget: float | None = None) 
     A stage request is a batch the entrance formed (``max_batch_size`` samples), so each stage serves one
     request at a time in the policy's terms; its service time starts from the profiled stage time scaled to
     that batch, and follows the replicas' measured time per request."""
-    batch = args.max_batch_size or plan.batch_size
+    batch = args.max_batch_size or plan.serve_batch_size
     stages = [
         {
             "name": stage_name(s.index),
-            "service_ms": max(s.measured_ms * batch / plan.batch_size, 1e-3),
+            "service_ms": max(s.run_ms * batch / plan.batch_size, 1e-3),
             "batch_size": 1,
             "gpu_fraction": s.gpu_fraction if args.gpus else 0.0,
             "min_replicas": args.min_replicas,

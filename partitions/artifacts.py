@@ -69,19 +69,22 @@ def write_plan(uri: str, plan: Plan) -> None:
     write_file(uri, PLAN_FILE, plan.to_json().encode())
 
 
-def encode_stage(gm: nn.Module, example: Sequence[torch.Tensor], children: list[str] | None) -> tuple[bytes, str]:
-    """Serialise a stage: an exported program with a dynamic batch, else the weights of ``children``."""
+def encode_stage(
+    gm: nn.Module, example: Sequence[torch.Tensor], children: list[str] | None
+) -> tuple[bytes, str, torch.export.ExportedProgram | None]:
+    """Serialise a stage: an exported program with a dynamic batch (returned too, for the engines to convert),
+    else the weights of ``children``."""
     batch = torch.export.Dim("batch")
     try:
         ep = torch.export.export(gm, tuple(example), dynamic_shapes=tuple({0: batch} for _ in example))
         buf = io.BytesIO()
         torch.export.save(ep, buf)
-        return buf.getvalue(), EXPORTED
+        return buf.getvalue(), EXPORTED, ep
     except Exception:
         if children is None:
             raise
     state = {k: v.detach().contiguous() for k, v in gm.state_dict().items()}
-    return save_safetensors(state), MODULE_WEIGHTS
+    return save_safetensors(state), MODULE_WEIGHTS, None
 
 
 def read_shard(uri: str, artifact: Artifact) -> bytes:

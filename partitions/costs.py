@@ -132,3 +132,13 @@ def measure_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5,
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def gemm_gflops(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
+    """The device's measured fp32 matrix-multiply rate (GFLOP/s) at torch's current threads: the median
+    time of an ``n x n`` by ``n x n`` product, ``2 n^3`` floating-point operations. The physical limit the
+    stages' achieved rates are compared against."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device) for _ in range(2))
+    ms = measure_ms(lambda: torch.mm(a, b), device, repeats=repeats, warmup=2)
+    return 2 * n**3 / ms / 1e6

@@ -12,10 +12,12 @@ import torch
 
 from partitions import artifacts
 from partitions.capture import CapturedGraph, capture, embedding_limits
-from partitions.costs import NodeCost, measure_ms, profile
+from partitions.costs import NodeCost, gemm_gflops, measure_ms, profile
 from partitions.dtypes import PLAN_DTYPES
+from partitions.engine_choice import choose
+from partitions.engines import EAGER, ENGINE_CHOICES, ONNX_FORMAT, current_target
 from partitions.errors import PlanError
-from partitions.plan import Artifact, Plan, Stage
+from partitions.plan import Artifact, Plan, Stage, StageEngine
 from partitions.planner import Objective, Partition, Problem, solve
 from partitions.processing import write_processing
 from partitions.runtime import pick_device, stage_payload
@@ -49,6 +51,9 @@ class PlanOptions:
     dtype: str | None = None
     """Weights and float activations in this dtype (``float32``, ``float16``, ``bfloat16``): the model and its
     float inputs are cast before capture, so costs, memory and shards are all in it. None: the model's own."""
+    engine: str = EAGER
+    """What runs each stage (:data:`partitions.engines.ENGINE_CHOICES`); ``auto``: the fastest per stage
+    that matches eager (:mod:`partitions.engine_choice`)."""
 
 
 def problem_of(cg: CapturedGraph, costs: list[NodeCost], batch_size: int, opts: PlanOptions) -> Problem:
@@ -72,6 +77,8 @@ def solve_for(cg: CapturedGraph, costs: list[NodeCost], batch_size: int, opts: P
 def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progress | None = None) -> Plan:
     """Capture, profile and partition ``source``, then write plan.json and one shard per stage to ``uri``."""
     report = progress or (lambda step, done, total: None)
+    if opts.engine not in ENGINE_CHOICES:
+        raise PlanError(f"unknown engine {opts.engine!r}", f"pass one of {', '.join(ENGINE_CHOICES)}")
     device = pick_device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -98,7 +105,8 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
     )
     example = dict(zip(source.example_inputs, inputs))
     part, costs, measured = _refine(cg, costs, example, batch_size, device, opts, report)
-    stages = _write_stages(cg, part, costs, measured, example, uri, opts, report)
+    stages = _write_stages(cg, part, costs, measured, example, uri, opts, device, report)
+    gemm = gemm_gflops(device)
     plan = Plan(
         model={
             "spec": source.spec,
@@ -121,11 +129,13 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
         summary={
             **_summary(part, stages, costs, whole_ms, batch_size),
             **_chain_alternative(cg, costs, batch_size, opts),
+            **_engine_summary(stages, costs, gemm),
         },
         objective=opts.objective,
         dtype=source.dtype,
         input_limits=embedding_limits(cg),
         processing=write_processing(source.processing, cg.outputs, uri),
+        engine=opts.engine,
     )
     problems = plan.problems()
     assert not problems, problems
@@ -232,6 +242,7 @@ def _write_stages(
     example: dict[str, torch.Tensor],
     uri: str,
     opts: PlanOptions,
+    device: torch.device,
     report: Progress,
 ) -> list[Stage]:
     stages: list[Stage] = []
@@ -240,9 +251,10 @@ def _write_stages(
         report("export stages", i, part.stages)
         a, b = part.spans[i]
         children = _children(cg, a, b) if cg.method == "modules" else None
-        data, fmt = artifacts.encode_stage(program.gm, args, children)
+        data, fmt, exported = artifacts.encode_stage(program.gm, args, children)
         name = f"stage-{i:03d}" + (".pt2" if fmt == artifacts.EXPORTED else ".safetensors")
         artifacts.write_file(uri, name, data)
+        engine = _stage_engine(i, exported, args, uri, opts, device)
         weights = [p for p in program.gm.state_dict().values()]
         stage_costs = costs[a:b]
         stages.append(
@@ -262,11 +274,48 @@ def _write_stages(
                 measured_ms=measured[i],
                 gpu_fraction=shares[i],
                 after=list(part.after[i]),
+                engine=engine,
             )
         )
         del data
     report("export stages", part.stages, part.stages)
     return stages
+
+
+def _stage_engine(
+    index: int,
+    exported: torch.export.ExportedProgram | None,
+    args: Sequence[torch.Tensor],
+    uri: str,
+    opts: PlanOptions,
+    device: torch.device,
+) -> StageEngine:
+    """Choose stage ``index``'s engine and write the file it runs beside the shard."""
+    choice = choose(opts.engine, exported, args, device, opts.repeats, opts.warmup)
+    artifact = None
+    if choice.artifact is not None:
+        name = f"stage-{index:03d}.{ONNX_FORMAT}"
+        artifacts.write_file(uri, name, choice.artifact)
+        artifact = Artifact(name, ONNX_FORMAT, artifacts.sha256(choice.artifact), len(choice.artifact))
+    target = current_target(device) if choice.name != EAGER else ""
+    return StageEngine(choice.name, artifact, target, choice.reason, choice.batches, choice.ms)
+
+
+def _engine_summary(stages: list[Stage], costs: list[NodeCost], gemm: float) -> dict:
+    """The machine's fp32 GEMM rate, each stage's achieved rate on its engine at the plan's batch (GFLOP/s),
+    and, when every stage was timed on engines, the summed stage times of eager and of the chosen engines
+    (ms, per timed batch)."""
+    rates = []
+    for s in stages:
+        a, b = s.node_range
+        rates.append(sum(c.flops for c in costs[a:b]) / s.run_ms / 1e6 if s.run_ms > 0 else 0.0)
+    out: dict = {"gemm_gflops": gemm, "stage_gflops": rates}
+    timed = [s.engine for s in stages if s.engine.ms]
+    if timed and len(timed) == len(stages) and all(e.batches == timed[0].batches for e in timed):
+        out["engine_batches"] = timed[0].batches
+        out["eager_sum_ms"] = [sum(e.ms[EAGER][k] for e in timed) for k in range(len(timed[0].batches))]
+        out["engine_sum_ms"] = [sum(e.ms[e.name][k] for e in timed) for k in range(len(timed[0].batches))]
+    return out
 
 
 def _spec(cg: CapturedGraph, name: str) -> TensorSpec:

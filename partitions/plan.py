@@ -19,6 +19,15 @@ SCHEMA_VERSION = 2
 OLDEST_VERSION = 1
 PLAN_FILE = "plan.json"
 
+EAGER = "eager"
+ONNXRUNTIME = "onnxruntime"
+INDUCTOR = "inductor"
+ENGINES = (EAGER, ONNXRUNTIME, INDUCTOR)
+"""What can run a stage (:mod:`partitions.engines`)."""
+AUTO = "auto"
+ENGINE_CHOICES = (*ENGINES, AUTO)
+ONNX_FORMAT = "onnx"
+
 
 @dataclass
 class Artifact:
@@ -68,6 +77,34 @@ class Processing:
 
 
 @dataclass
+class StageEngine:
+    """What runs a stage: its engine, the artifact converted for it at plan time, and why it was chosen.
+
+    Plans written before engines existed have none: their stages run eager."""
+
+    name: str = EAGER
+    """``eager`` (the exported program in PyTorch), ``onnxruntime`` or ``inductor``."""
+    artifact: Artifact | None = None
+    """The converted program (``onnx`` for onnxruntime), hashed like the shard; None: the shard itself."""
+    target: str = ""
+    """Where the engine was built and timed (:func:`partitions.engines.current_target`); a replica elsewhere
+    runs eager."""
+    reason: str = ""
+    """One line: why this engine (the others' failures, or how much faster it was)."""
+    batches: list[int] = field(default_factory=list)
+    """Batch sizes the stage was timed at (samples)."""
+    ms: dict[str, list[float]] = field(default_factory=dict)
+    """Median ms per engine tried, one per entry of ``batches``."""
+    threads: int | None = None
+    """Intra-op threads the engine runs with when served (``partserve tune``); None: the replica's."""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StageEngine:
+        artifact = d.get("artifact")
+        return _known(cls, {**d, "artifact": _known(Artifact, artifact) if artifact else None})
+
+
+@dataclass
 class Stage:
     index: int
     node_range: tuple[int, int]
@@ -92,6 +129,14 @@ class Stage:
     gpu_fraction: float
     after: list[int] = field(default_factory=list)
     """Stages whose outputs this stage receives, merged in this order; empty: the model inputs."""
+    engine: StageEngine = field(default_factory=StageEngine)
+
+    @property
+    def run_ms(self) -> Ms:
+        """The stage's time at the plan's batch on its engine (ms): as timed when the engine was chosen, else
+        ``measured_ms`` (eager)."""
+        ms = self.engine.ms.get(self.engine.name)
+        return ms[-1] if ms else self.measured_ms
 
     @property
     def sends(self) -> list[str]:
@@ -153,6 +198,11 @@ class Plan:
     processing: Processing | None = None
     """Pre- and post-processing at the entrance (files in ``processing/``); None: tensors in and out.
     Since version 2."""
+    engine: str = EAGER
+    """The engine asked for at plan time (``auto``: the fastest per stage); each stage's is in ``Stage.engine``."""
+    tuning: dict[str, Any] = field(default_factory=dict)
+    """What ``partserve tune`` measured and chose (:func:`partitions.tune.tuned`): ``batch_size``, the batch the
+    entrance forms; ``cores``; ``samples_per_s`` and ``before_samples_per_s``. Empty: not tuned."""
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -181,6 +231,7 @@ class Plan:
                         "inputs": specs(s["inputs"]),
                         "computed": specs(s["computed"]),
                         "artifact": _known(Artifact, s["artifact"]),
+                        **({"engine": StageEngine.from_json(s["engine"])} if "engine" in s else {}),
                     },
                 )
                 for s in d["stages"]
@@ -200,6 +251,16 @@ class Plan:
                     "processing": processing,
                     "stages": stages,
                 },
+        stages = [
+            Stage(
+                **{
+                    **s,
+                    "node_range": tuple(s["node_range"]),
+                    "inputs": specs(s["inputs"]),
+                    "computed": specs(s["computed"]),
+                    "artifact": Artifact(**s["artifact"]),
+                    "engine": StageEngine.from_json(s.get("engine", {})),
+                }
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise ArtifactError(
@@ -209,6 +270,11 @@ class Plan:
         if problems:
             raise ArtifactError("plan.json is inconsistent: " + "; ".join(problems), "re-run partserve plan")
         return plan
+
+    @property
+    def serve_batch_size(self) -> int:
+        """Samples per batch the entrance forms by default: the tuned batch, else the plan's."""
+        return int(self.tuning.get("batch_size") or self.batch_size)
 
     def sinks(self) -> list[int]:
         """Stages no other stage reads from: their outputs, merged, hold the model outputs."""

@@ -7,6 +7,7 @@ computes. Serving and ``verify`` use the same code.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -14,12 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from partitions import engines
 from partitions.artifacts import decode_stage, read_plan, read_shard
-from partitions.dtypes import to_numpy, to_torch
+from partitions.engines import EAGER, ONNXRUNTIME, current_target, unavailable
 from partitions.plan import Plan
 from partitions.types import Payload
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -33,17 +36,51 @@ def pick_device(preferred: str | None = None) -> torch.device:
 
 
 class StageRunner:
-    """Runs stage ``index`` of the plan at ``uri``; loads only that stage's shard."""
+    """Runs stage ``index`` of the plan at ``uri`` on its engine (``engine`` overrides the plan's: ``eager``
+    runs the exported program); loads only that stage's files.
 
-    def __init__(self, uri: str, index: int, device: str | None = None, plan: Plan | None = None) -> None:
+    ``threads``: intra-op threads of the engine (ONNX Runtime's); None: the plan's tuned figure, else torch's
+    current setting. A stage whose engine cannot run here (built for another target, not installed) runs
+    eager; ``engine_note`` says why and the log has it."""
+
+    def __init__(
+        self,
+        uri: str,
+        index: int,
+        device: str | None = None,
+        plan: Plan | None = None,
+        engine: str | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.plan = plan or read_plan(uri)
         self.stage = self.plan.stages[index]
         self.device = pick_device(device)
-        data = read_shard(uri, self.stage.artifact)
-        module = decode_stage(data, self.stage.artifact, self._rebuild_children)
-        self.module: nn.Module = module.to(self.device)
+        self.engine, self.engine_note = self._engine(engine or self.stage.engine.name)
+        if self.engine_note:
+            log.warning("stage %d: %s", index, self.engine_note)
+        self.threads = threads or self.stage.engine.threads or torch.get_num_threads()
+        self.module: nn.Module | None = None
+        if self.engine != ONNXRUNTIME:
+            module = decode_stage(read_shard(uri, self.stage.artifact), self.stage.artifact, self._rebuild_children)
+            self.module = module.to(self.device)
+        artifact = self.stage.engine.artifact
+        data = read_shard(uri, artifact) if self.engine == ONNXRUNTIME and artifact else None
+        self.run = engines.load(self.engine, self.module, data, self.device, self.threads)
         self.input_names = [t.name for t in self.stage.inputs]
         self.output_names = [t.name for t in self.stage.computed]
+
+    def _engine(self, wanted: str) -> tuple[str, str]:
+        """The engine to run and, when it is not ``wanted``, why."""
+        record = self.stage.engine
+        if wanted == EAGER:
+            return EAGER, ""
+        if wanted == ONNXRUNTIME and record.artifact is None:
+            return EAGER, "onnxruntime asked for, but the plan holds no ONNX file for this stage: running eager"
+        here = current_target(self.device)
+        if record.target and record.target != here:
+            return EAGER, f"{wanted} was built and timed for {record.target!r}, this is {here!r}: running eager"
+        why = unavailable(wanted, self.device)
+        return (EAGER, f"{why}: running eager") if why else (wanted, "")
 
     def _rebuild_children(self) -> list[nn.Module]:
         from partitions.source import plan_model
@@ -52,26 +89,11 @@ class StageRunner:
             source = plan_model(self.plan, batch_size=1)
         return [source.module.get_submodule(name) for name in self.stage.artifact.children]
 
-    def run_tensors(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        with torch.inference_mode():
-            out = self.module(*args)
-        return list(out) if isinstance(out, (tuple, list)) else [out]
-
     def __call__(self, payload: Mapping[str, np.ndarray]) -> Payload:
-        args = [self._to_device(payload[name]) for name in self.input_names]
-        outs = self.run_tensors(*args)
+        outs = self.run([payload[name] for name in self.input_names])
         result: Payload = {name: payload[name] for name in self.stage.carried}
-        for name, t in zip(self.output_names, outs):
-            result[name] = np.ascontiguousarray(to_numpy(t))
+        result.update(zip(self.output_names, outs))
         return result
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        if not array.flags.writeable:  # a zero-copy view of Ray's object store: programs may write inputs
-            array = array.copy()
-        t = to_torch(np.ascontiguousarray(array))
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
 
 
 def stage_payload(
@@ -92,17 +114,33 @@ def outputs_of(plan: Plan, payload: Mapping[str, np.ndarray]) -> Payload:
     return {spec.name: payload[value] for spec, value in zip(plan.outputs, plan.output_values)}
 
 
-def run_pipeline(runners: list[StageRunner], inputs: Mapping[str, np.ndarray]) -> Payload:
+def run_pipeline(
+    runners: list[StageRunner],
+    inputs: Mapping[str, np.ndarray],
+    references: list[StageRunner] | None = None,
+    rel_errors: list[float] | None = None,
+) -> Payload:
     """Run all stages in this process, in index order (a valid order for chains and DAGs alike), and return
-    the named model outputs."""
+    the named model outputs. With ``references`` (the same stages on other engines), each stage's outputs
+    are compared with its reference's on the same payload, and ``rel_errors[i]`` is raised to stage ``i``'s
+    max |got - reference| / max |reference|."""
     plan = runners[0].plan
     sent: dict[int, Payload] = {}
     for runner in runners:
         stage = runner.stage
-        sent[stage.index] = runner(stage_payload(stage.after, sent, inputs, stage.reads))
+        payload = stage_payload(stage.after, sent, inputs, stage.reads)
+        sent[stage.index] = runner(payload)
+        if references is not None and rel_errors is not None:
+            want, names = references[stage.index](payload), runner.output_names
+            err = engines.rel_error([sent[stage.index][n] for n in names], [want[n] for n in names])
+            rel_errors[stage.index] = max(rel_errors[stage.index], err)
     return outputs_of(plan, stage_payload(plan.sinks(), sent, inputs))
 
 
-def load_pipeline(uri: str, device: str | None = None) -> list[StageRunner]:
+def load_pipeline(
+    uri: str, device: str | None = None, engine: str | None = None, threads: int | None = None
+) -> list[StageRunner]:
+    """Every stage of the plan at ``uri``, on its engine (or ``engine`` for all), with ``threads`` (see
+    :class:`StageRunner`)."""
     plan = read_plan(uri)
-    return [StageRunner(uri, i, device, plan) for i in range(len(plan.stages))]
+    return [StageRunner(uri, i, device, plan, engine, threads) for i in range(len(plan.stages))]

@@ -138,8 +138,8 @@ def batch_wait_s(plan: Plan, args: AppArgs) -> float:
     """``args.batch_wait_timeout_s``, or the slowest stage's planned time at the entrance's batch size."""
     if args.batch_wait_timeout_s is not None:
         return args.batch_wait_timeout_s
-    batch = args.max_batch_size or plan.batch_size
-    return max(s.measured_ms for s in plan.stages) * batch / plan.batch_size / 1e3
+    batch = args.max_batch_size or plan.serve_batch_size
+    return max(s.run_ms for s in plan.stages) * batch / plan.batch_size / 1e3
 
 
 def deployment_options(plan: Plan, args: AppArgs) -> dict[str, dict[str, Any]]:
@@ -181,7 +181,7 @@ def entrance_config(plan: Plan, args: AppArgs) -> EntranceConfig:
         plan_uri=args.plan_uri,
         model_name=args.model_name or default_model_name(plan),
         max_body_bytes=args.max_body_bytes,
-        max_batch_size=args.max_batch_size or plan.batch_size,
+        max_batch_size=args.max_batch_size or plan.serve_batch_size,
         batch_wait_timeout_s=batch_wait_s(plan, args),
         max_concurrent_batches=args.max_concurrent_batches
         or in_flight_batches(len(plan.stages) * args.max_replicas, parallel_devices(plan, args)),
@@ -199,7 +199,7 @@ def stage_config(plan: Plan, args: AppArgs, index: int) -> StageConfig:
     return StageConfig(
         plan_uri=args.plan_uri,
         index=index,
-        max_batch_size=args.stage_max_batch_size or 4 * (args.max_batch_size or plan.batch_size),
+        max_batch_size=args.stage_max_batch_size or 4 * (args.max_batch_size or plan.serve_batch_size),
         batch_wait_timeout_s=0.0,
         torch_threads=args.torch_threads,
         max_batch_s=args.stage_hang_timeout_s or 2 * args.request_timeout_s,

@@ -2,7 +2,8 @@
 Ray Serve user would write it and configured on the same terms as partserve (:class:`SetupConfig`).
 
 * :class:`WholeModel`: the whole model in one deployment, ``@serve.batch`` sized like partserve's batches,
-  its replica given the machine's cores (``num_cpus``, so Ray sets the torch threads to match).
+  its replica given the machine's cores (``num_cpus``, so Ray sets the torch threads to match); exported to
+  ONNX Runtime when the plan's stages run there.
 * :class:`PlainChain`: one deployment per stage (the same :class:`~serve_app.stage.StageDeployment`s as
   partserve, with the same batching and threads), chained per request by DeploymentResponse, with no batching
   before the first stage.
@@ -27,6 +28,7 @@ from starlette.responses import Response
 
 from partitions.artifacts import read_plan
 from partitions.dtypes import to_numpy, to_torch
+from partitions.engines import EAGER, ONNXRUNTIME, Runner, whole_model
 from partitions.runtime import pick_device
 from partitions.source import plan_model
 from partitions.types import Payload
@@ -59,6 +61,9 @@ class SetupConfig:
     in_flight_batches: int | None
     """Batches partserve's entrance keeps in the pipeline at once (None: not bounded by the setup)."""
     access_log: bool
+    engine: str = EAGER
+    """What runs the model: each stage's engine from the plan (setups with stages: the plan's ``engine``), or,
+    for the whole model, ``onnxruntime`` (the whole model exported as the stages are) when stages run there."""
 
     def row(self) -> dict[str, object]:
         """The configuration as flat ``cfg_*`` columns of a result row."""
@@ -75,7 +80,9 @@ def npy_response(outputs: dict[str, np.ndarray]) -> Response:
 class WholeModel:
     """The plan's model, whole, batched by ``@serve.batch`` (up to ``max_batch_size`` samples)."""
 
-    def __init__(self, plan_uri: str, max_batch_size: int, batch_wait_timeout_s: float, torch_threads: int) -> None:
+    def __init__(
+        self, plan_uri: str, max_batch_size: int, batch_wait_timeout_s: float, torch_threads: int, engine: str = EAGER
+    ) -> None:
         torch.set_num_threads(torch_threads)
         plan = read_plan(plan_uri)
         self.source = plan_model(plan)
@@ -83,6 +90,11 @@ class WholeModel:
         self.source.module.to(self.device)
         self.input = plan.inputs[0].name
         self.names = [t.name for t in plan.outputs]
+        self.engine = engine
+        self.whole: Runner | None = None
+        if engine == ONNXRUNTIME:
+            args, kwargs = self.source.call_args(self.source.example_inputs)
+            self.whole = whole_model(self.source.module, args, kwargs, self.device, torch_threads)
         set_batching(self.batch, max_batch_size, batch_wait_timeout_s)
 
     async def infer(self, payload: Payload) -> dict[str, np.ndarray]:
@@ -101,6 +113,8 @@ class WholeModel:
         return split(await asyncio.to_thread(self._forward, merged), sizes)
 
     def _forward(self, payload: Payload) -> dict[str, np.ndarray]:
+        if self.whole is not None:
+            return dict(zip(self.names, self.whole([payload[k] for k in self.source.example_inputs])))
         with torch.inference_mode():
             inputs = {k: to_torch(np.array(v)).to(self.device) for k, v in payload.items()}
             outputs = self.source.forward_flat(inputs)
@@ -132,7 +146,7 @@ def whole_model_app(plan_uri: str, config: SetupConfig) -> Application:
             max_ongoing_requests=config.max_ongoing_requests,
             logging_config={"enable_access_log": config.access_log},
         )
-        .bind(plan_uri, config.max_batch_size, config.batch_wait_s, config.torch_threads)
+        .bind(plan_uri, config.max_batch_size, config.batch_wait_s, config.torch_threads, config.engine)
     )
 
 

@@ -40,6 +40,7 @@ from ray.serve import Application
 from partitions.artifacts import read_plan
 from partitions.costs import measure_ms
 from partitions.dtypes import to_numpy
+from partitions.engines import EAGER, ONNXRUNTIME, whole_model
 from partitions.inputs import random_inputs
 from partitions.plan import Plan
 from partitions.runtime import load_pipeline, pick_device, run_pipeline
@@ -50,7 +51,7 @@ from serve_app.loadgen import Call, RunResult, closed_loop, open_loop
 from serve_app.names import stage_name
 from serve_app.ports import free_port
 
-SETUPS = ("torch", "torch-stages", "serve-whole", "serve-chain", "partserve")
+SETUPS = ("torch", "torch-onnxruntime", "torch-stages", "serve-whole", "serve-chain", "partserve")
 SERVE_SETUPS = ("serve-whole", "serve-chain", "partserve")
 
 
@@ -94,14 +95,16 @@ async def sweep(call: Call, load: Load, progress: Callable[[], None] = lambda: N
 def torch_bounds(
     plan: Plan, plan_uri: str, samples_per_request: int, stage_threads: int, repeats: int = 10
 ) -> list[dict[str, object]]:
-    """Rows of the in-process bounds: the whole model and the stages back to back, at the plan's batch size
+    """Rows of the in-process bounds: the whole model (eager, and exported to ONNX Runtime when stages run
+    there: ``torch-onnxruntime``) and the stages back to back on their engines, at the plan's batch size
     with all cores (``mode: bound``), and the stages at ``samples_per_request`` with ``stage_threads``
     threads (``mode: bound-latency``). Throughput in samples/s, latency (median) in ms."""
     cores = os.cpu_count() or 1
     source = plan_model(plan)
     device = pick_device()
     source.module.to(device)
-    runners = load_pipeline(plan_uri, str(device))
+    runners = load_pipeline(plan_uri, str(device), threads=cores)
+    latency_runners = load_pipeline(plan_uri, str(device), threads=stage_threads)  # ONNX Runtime's pools are fixed
     inputs = {k: v.to(device) for k, v in source.example_inputs.items()}
     batch = {k: to_numpy(v) for k, v in inputs.items()}
     one = random_inputs(plan.inputs, samples_per_request, 0, plan.input_ranges)
@@ -124,8 +127,14 @@ def torch_bounds(
 
     try:
         row("torch", "bound", plan.batch_size, cores, lambda: source.forward(inputs))
+        if any(r.engine == ONNXRUNTIME for r in runners):  # the whole model on the stages' engine, on equal terms
+            args, kwargs = source.call_args(inputs)
+            whole = whole_model(source.module, args, kwargs, device, cores)
+            arrays = list(batch.values())
+            row("torch-onnxruntime", "bound", plan.batch_size, cores, lambda: whole(arrays))
         row("torch-stages", "bound", plan.batch_size, cores, lambda: run_pipeline(runners, batch))
-        row("torch-stages", "bound-latency", samples_per_request, stage_threads, lambda: run_pipeline(runners, one))
+        latency = lambda: run_pipeline(latency_runners, one)
+        row("torch-stages", "bound-latency", samples_per_request, stage_threads, latency)
     finally:
         torch.set_num_threads(cores)
     return rows
@@ -162,6 +171,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
     batch, wait_s, stage_batch = entrance.max_batch_size, entrance.batch_wait_timeout_s, stage.max_batch_size
     stage_threads = stage.torch_threads or max(1, int(args.num_cpus))
     common = {"access_log": args.access_log}
+    whole_engine = ONNXRUNTIME if any(s.engine.name == ONNXRUNTIME for s in plan.stages) else EAGER
     return {
         "serve-whole": SetupConfig(
             setup="serve-whole",
@@ -173,6 +183,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
             stage_batch_wait_s=None,
             max_ongoing_requests=64,
             in_flight_batches=None,
+            engine=whole_engine,
             **common,
         ),
         "serve-chain": SetupConfig(
@@ -185,6 +196,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
             stage_batch_wait_s=stage.batch_wait_timeout_s,
             max_ongoing_requests=2 * batch,
             in_flight_batches=None,
+            engine=plan.engine,
             **common,
         ),
         "partserve": SetupConfig(
@@ -197,6 +209,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
             stage_batch_wait_s=stage.batch_wait_timeout_s,
             max_ongoing_requests=args.max_ongoing_requests or 64,
             in_flight_batches=entrance.max_concurrent_batches,
+            engine=plan.engine,
             **common,
         ),
     }
@@ -296,7 +309,7 @@ async def compare(
         "plan": plan_uri,
         "model": plan.model["spec"],
         "stages": len(plan.stages),
-        "batch_size": args.max_batch_size or plan.batch_size,
+        "batch_size": args.max_batch_size or plan.serve_batch_size,
         "cores": os.cpu_count(),
         "configs": {name: asdict(config) for name, (config, _) in setups.items()},
         "rows": rows,

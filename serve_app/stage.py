@@ -81,7 +81,11 @@ class StageDeployment:
         """See :class:`StageConfig`."""
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        self.runner = StageRunner(config.plan_uri, config.index)
+        # On the plan's engine for this stage (ONNX Runtime: an intra-op pool of the replica's threads, else
+        # the plan's tuned figure); eager where the engine cannot run here, with the reason in the log.
+        self.runner = StageRunner(config.plan_uri, config.index, threads=config.torch_threads)
+        if not config.torch_threads:
+            torch.set_num_threads(self.runner.threads)
         self.max_batch_size = config.max_batch_size
         self.busy: deque[tuple[float, float, int, int]] = deque(maxlen=BUSY_HISTORY)
         self.started_s = time.time()
@@ -221,4 +225,7 @@ class StageDeployment:
             "device": str(self.runner.device),
             "torch_threads": torch.get_num_threads(),
             "stage": self.runner.stage.index,
+            "engine": self.runner.engine,
+            "engine_threads": self.runner.threads,
+            "engine_note": self.runner.engine_note,
         }

@@ -188,3 +188,22 @@ class Mean(nn.Module):
 def vector_mean(width: int = 15_000_000, batch_size: int = 1):
     """The mean of one long vector per sample (15M floats: a 60 MB request): large bodies, little compute."""
     return Mean().eval(), torch.zeros(batch_size, width)
+
+
+class RunningMax(nn.Module):
+    """A linear layer, a running maximum over the features (``torch.cummax``: torch.export captures it, ONNX
+    export has no conversion for it), then another linear layer."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.cummax(self.a(x), dim=1).values)
+
+
+def running_max(width: int = 16, batch_size: int = 4):
+    """A model whose middle op has no ONNX conversion: its stage must stay eager, the others need not."""
+    torch.manual_seed(0)
+    return RunningMax(width).eval(), torch.randn(batch_size, width)

@@ -62,7 +62,7 @@ def plan_pools(
     nodes = [float(c) for c in ([cpus] if isinstance(cpus, (int, float)) else cpus) if c > 0]
     reserve = [min(1.0, 0.125 * c) for c in nodes]
     free = [c - r for c, r in zip(nodes, reserve)]
-    costs = [max(s.measured_ms or s.cost_ms, 1e-6) for s in plan.stages]
+    costs = [max(s.run_ms or s.cost_ms, 1e-6) for s in plan.stages]
     if use_gpus:
         fractions = [max(s.gpu_fraction, 1e-3) for s in plan.stages]
         if gpus + 1e-9 < sum(fractions):

@@ -173,7 +173,7 @@ class StageStep:
         from partitions.artifacts import read_plan
 
         layout = Layout(read_plan(uri), keys, columns)  # small constructor arguments: the plan is read here
-        self.runner = StageRunner(uri, index, device, layout.plan)
+        self.runner = StageRunner(uri, index, device, layout.plan, threads=threads)
         self.layout = layout
         self.index = index
         self.final = final

@@ -9,6 +9,7 @@ import click
 import numpy as np
 
 from partitions.dtypes import PLAN_DTYPES
+from partitions.plan import ENGINE_CHOICES
 from partitions.planner import OBJECTIVES
 from partserve.cli.output import (
     console,
@@ -79,6 +80,13 @@ def _model_options(pairs: tuple[str, ...], named: dict[str, Any]) -> dict[str, A
     type=click.Choice(PLAN_DTYPES),
     help="Weights and float activations in this dtype (costs, memory and shards too) [default: the model's].",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINE_CHOICES),
+    default="eager",
+    show_default=True,
+    help="What runs each stage; auto: the fastest per stage that matches eager (onnxruntime needs partserve[onnx]).",
+)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repeats per node.")
 @click.option("--layers", type=int, help="Model option: number of layers (zoo transformer).")
 @click.option("--width", type=int, help="Model option: hidden width.")
@@ -99,6 +107,7 @@ def plan(
     hop_ms: float,
     threads: int | None,
     dtype: str | None,
+    engine: str,
     repeats: int,
     layers: int | None,
     width: int | None,
@@ -130,6 +139,7 @@ def plan(
         hop_ms=hop_ms,
         threads=threads,
         dtype=dtype,
+        engine=engine,
     )
     with progress_bar(not as_json) as progress:
         result = build_plan(source, out, opts, progress)
@@ -155,18 +165,19 @@ def plan(
             human_bytes(s.transfer_bytes),
             f"{s.cost_ms:.2f}",
             f"{s.measured_ms:.2f}",
+            s.engine.name,
+            f"{rate:.1f}",
             f"{s.gpu_fraction:.2f}",
         ]
-        for s in result.stages
+        for s, rate in zip(result.stages, result.summary["stage_gflops"])
     ]
-    console.print(
-        table(
-            f"plan for {m['spec']} in {result.dtype} at batch {result.batch_size} on {result.device}",
-            ["stage", "after", "nodes", "starts at", "params", "memory", "sends", "cost ms", "measured", "gpu"],
-            rows,
-        )
-    )
+    columns = ["stage", "after", "nodes", "starts at", "params", "memory", "sends", "cost ms", "measured"]
+    columns += ["engine", "GFLOP/s", "gpu"]
+    title = f"plan for {m['spec']} in {result.dtype} at batch {result.batch_size} on {result.device}"
+    console.print(table(title, columns, rows))
     s = result.summary
+    for line in _engine_lines(result):
+        console.print(line, highlight=False)
     console.print(_shape_line(result), highlight=False)
     console.print(
         f"bottleneck {s['bottleneck_ms']:.2f} ms, balance (bottleneck/mean) {s['balance']:.3f} planned, "
@@ -175,6 +186,23 @@ def plan(
         f"wrote {out}",
         highlight=False,
     )
+
+
+def _engine_lines(result: Any) -> list[str]:
+    """The machine's GEMM rate against the stages', each stage's engine reason, and the engines' gain."""
+    s = result.summary
+    lines = [
+        f"machine fp32 GEMM {s['gemm_gflops']:.1f} GFLOP/s; stages reach {min(s['stage_gflops']):.1f}-"
+        f"{max(s['stage_gflops']):.1f} GFLOP/s on their engines (GFLOP/s column, at batch {result.batch_size})"
+    ]
+    lines += [f"stage {st.index}: {st.engine.name}: {st.engine.reason}" for st in result.stages if st.engine.reason]
+    if "engine_sum_ms" in s:
+        gains = [
+            f"batch {b}: {e:.2f} -> {c:.2f} ms ({e / c:.2f}x)"
+            for b, e, c in zip(s["engine_batches"], s["eager_sum_ms"], s["engine_sum_ms"])
+        ]
+        lines.append("summed stage time, eager -> engines: " + "; ".join(gains))
+    return lines
 
 
 def _shape_line(result: Any) -> str:
@@ -203,13 +231,13 @@ def _shape_line(result: Any) -> str:
 @click.option(
     "--tolerance",
     type=float,
-    help="Max relative error against the model as loaded [default: 1e-6; float16 plans 1e-2, bfloat16 5e-2].",
+    help="Max relative error against the model [default: 1e-6; float16 1e-2, bfloat16 5e-2; engines at least 1e-4].",
 )
 @json_option
 @domain_errors
 def verify(plan_dir: str, inputs_path: str | None, device: str, tolerance: float | None, as_json: bool) -> None:
-    """Run the stages of PLAN_DIR in sequence and compare with the original model (and, for a plan cast to
-    half precision, with the model cast the same way)."""
+    """Run the stages of PLAN_DIR on their engines, in sequence, and compare with the original model (and,
+    for a plan cast to half precision, with the model cast the same way)."""
     from partitions.verify import verify as run_verify
 
     user = dict(np.load(inputs_path, allow_pickle=False)) if inputs_path else None
@@ -219,14 +247,20 @@ def verify(plan_dir: str, inputs_path: str | None, device: str, tolerance: float
     else:
         rows = [[c.name, c.batch, f"{c.max_abs_error:.3g}", f"{c.max_rel_error:.3g}"] for c in report.cases]
         console.print(table(f"verify {plan_dir}", ["inputs", "batch", "max abs error", "max rel error"], rows))
+        worst = report.worst_stage
+        if worst is not None and any(e != "eager" for e in report.engines):
+            console.print(
+                f"engines {','.join(report.engines)}; worst stage {worst} ({report.engines[worst]}): "
+                f"{report.stage_errors[worst]:.3g} relative to eager on the same inputs",
+                highlight=False,
+            )
         verdict = "[green]passed[/green]" if report.passed else "[red]FAILED[/red]"
         against = "the model" if report.same_dtype_tolerance is None else "the float32 model"
         console.print(
             f"{verdict}: {report.dtype} plan, max relative error {report.max_rel_error:.3g} against {against} "
-            f"(tolerance {report.tolerance:g})"
+            f"(tolerance {report.tolerance:g}: {report.tolerance_reason})"
         )
         if report.same_dtype_tolerance is not None:
-            worst = report.worst_stage
             errors = ", ".join("-" if e is None else f"{e:.3g}" for e in report.stage_errors)
             console.print(
                 f"against the model in {report.dtype}: {report.same_dtype_rel_error:.3g} "
@@ -267,8 +301,9 @@ def _register() -> None:
     from partserve.cli.serving import build, run
     from partserve.cli.simulate import simulate
     from partserve.cli.status import status
+    from partserve.cli.tune import tune
 
-    for command in (run, build, status, bench, batch, compress, simulate, k8s):
+    for command in (run, build, status, bench, batch, compress, simulate, k8s, tune):
         main.add_command(command)
 
 

@@ -44,13 +44,13 @@ def load_stages(
     min_replicas: int,
     max_replicas: int,
 ) -> list[StageModel]:
-    """Stages from the plan in ``plan_dir`` (``measured_ms`` per batch of ``batch_size``) or ``--service-ms``."""
+    """Stages from the plan in ``plan_dir`` (``run_ms`` per batch of ``batch_size``) or ``--service-ms``."""
     gpus: list[float]
     if plan_dir is not None:
         from partitions.artifacts import read_plan
 
         plan = read_plan(plan_dir)  # a local path or an s3:// ... URI, checked as serving checks it
-        full_ms = [s.measured_ms for s in plan.stages]
+        full_ms = [s.run_ms for s in plan.stages]
         batch_size = plan.batch_size
         gpus = [s.gpu_fraction for s in plan.stages]
     else:

@@ -47,6 +47,22 @@ def test_plan_table_names_capture_path(tmp_path) -> None:
     assert "balance" in r.stdout
 
 
+@pytest.mark.slow  # plans on onnxruntime and verifies in two processes
+def test_plan_on_onnxruntime_reports_rates_and_verify_names_the_worst_stage(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    out = str(tmp_path / "p")
+    mlp = ["-O", "depth=2", "-O", "width=32", "--stages", "2", "--repeats", "1"]
+    r = partserve("plan", "demo-mlp", *mlp, "--engine", "onnxruntime", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "machine fp32 GEMM" in r.stdout and "GFLOP/s" in r.stdout
+    assert "summed stage time, eager -> engines: batch 1:" in r.stdout
+    r = partserve("verify", out, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["engines"] == ["onnxruntime", "onnxruntime"] and report["worst_stage"] in (0, 1)
+    assert report["tolerance"] == 1e-4 and report["passed"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from serve_app.app import AppArgs, batch_wait_s
-from serve_app.bench import setup_configs, summary
-from tests.serve_fixtures import PlannedModel
+from serve_app.bench import setup_configs, summary, torch_bounds
+from tests.serve_fixtures import MLP, PlannedModel
 
 
 def test_baselines_get_partserves_batch_threads_and_log(mlp: PlannedModel) -> None:
@@ -67,3 +67,13 @@ def test_summary_compares_at_equal_load_and_under_the_slo() -> None:
     assert s["slo"]["serve-whole"]["throughput_samples_per_s"] == 60.0
     assert s["idle"]["vs_stages_in_process"] == pytest.approx(1.1)  # 44 / 40
     assert s["idle"]["vs_serve_whole"] == pytest.approx(0.88)  # 44 / 50
+
+
+@pytest.mark.slow  # plans on ONNX Runtime and exports the whole model
+def test_bounds_run_the_whole_model_on_the_stages_engine(planned) -> None:
+    pytest.importorskip("onnxruntime")
+    model = planned(MLP, stages=2, engine="onnxruntime")
+    rows = torch_bounds(model.plan, model.uri, samples_per_request=1, stage_threads=1, repeats=2)
+    bounds = {r["setup"]: r for r in rows if r["mode"] == "bound"}
+    assert set(bounds) == {"torch", "torch-onnxruntime", "torch-stages"}
+    assert all(r["throughput_samples_per_s"] > 0 for r in rows)
