@@ -251,16 +251,6 @@ class Plan:
                     "processing": processing,
                     "stages": stages,
                 },
-        stages = [
-            Stage(
-                **{
-                    **s,
-                    "node_range": tuple(s["node_range"]),
-                    "inputs": specs(s["inputs"]),
-                    "computed": specs(s["computed"]),
-                    "artifact": Artifact(**s["artifact"]),
-                    "engine": StageEngine.from_json(s.get("engine", {})),
-                }
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise ArtifactError(
