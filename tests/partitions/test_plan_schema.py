@@ -80,7 +80,7 @@ def test_a_newer_plan_fails_naming_both_versions() -> None:
 
 def test_fields_this_build_does_not_know_are_ignored() -> None:
     d = json.loads(small_plan().to_json())
-    d["engine"] = {"kind": "onnx"}  # an optional field a later build of version 2 adds
+    d["placement_hints"] = {"kind": "rack"}  # an optional field a later build of version 2 adds
     d["stages"][0]["precision"] = "fp16"
     assert Plan.from_json(json.dumps(d)) == small_plan()
 
