@@ -34,10 +34,10 @@ import numpy as np
 import pytest
 from ray import serve
 
+from partitions.dtypes import from_oip, oip_datatype
 from serve_app import codecs
 from serve_app.app import AppArgs
 from serve_app.names import stage_name
-from serve_app.tensors import oip_datatype
 from tests.serve_fixtures import PlannedModel, Planner, rel_err
 from tests.serve_session import serve_apps
 
@@ -103,7 +103,7 @@ def post_json(url: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     r = httpx.post(url, json=oip_json(inputs), timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 200, r.text
     return {
-        t["name"]: np.asarray(t["data"], dtype=codecs.numpy_dtype(t["datatype"])).reshape(t["shape"])
+        t["name"]: np.asarray(t["data"], dtype=from_oip(t["datatype"])).reshape(t["shape"])
         for t in r.json()["outputs"]
     }
 
