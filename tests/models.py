@@ -154,7 +154,7 @@ def tiny_llama(batch_size: int = 4, seq_len: int = 16, layers: int = 2, width: i
 
 POISON, HANG, SLOW = 1e6, 2e6, 3e6
 """Marker values for :class:`Trap`, in an input's first feature."""
-HANG_S, SLOW_S = 600.0, 1.0
+HANG_S, SLOW_S = 600.0, 3.0
 
 
 class Trap(nn.Module):

@@ -108,7 +108,8 @@ def test_poison_request_in_a_full_batch_costs_log_runs(served: Served) -> None:
         assert client.post(url, json=oip(sample())).status_code == 200  # warm
     stage0 = serve.get_deployment_handle("stage-0", app_name=POISONED)
     with concurrent.futures.ThreadPoolExecutor(9) as pool:
-        # A slow request fills the one pipeline slot; the eight sent meanwhile wait for it and go as one batch.
+        # A slow request (3 s) fills the one pipeline slot; the eight sent meanwhile wait for it and go as one
+        # batch (1 s was too short for eight HTTP posts to arrive on a loaded 2-core machine).
         slow = pool.submit(httpx.post, url, json=oip(sample(models.SLOW)), timeout=60)
         actor = ray.get_actor(stage_replica(POISONED, "stage-0").actor_name, namespace="serve")
         deadline = time.monotonic() + 30  # until the slow batch runs (a request merely routed there is not)
