@@ -167,39 +167,29 @@ def _storage(arr: pa.Array) -> tuple[pa.Array, tuple[int, ...] | None]:
     return arr, None
 
 
-def _depth(t: pa.DataType) -> int:
-    n = 0
+def _nesting(t: pa.DataType) -> tuple[int, pa.DataType]:
+    """How many list levels ``t`` has (extension types read as their storage) and the type of its leaves."""
+    depth = 0
     while True:
         if isinstance(t, pa.BaseExtensionType):
             t = t.storage_type
         if not _is_list(t):
-            return n
+            return depth, t
         t = t.value_type
-        n += 1
-
-
-def _leaf_type(t: pa.DataType) -> pa.DataType:
-    while True:
-        if isinstance(t, pa.BaseExtensionType):
-            t = t.storage_type
-        if not _is_list(t):
-            return t
-        t = t.value_type
+        depth += 1
 
 
 def column_problem(t: pa.DataType, spec: TensorSpec) -> str | None:
     """Why a column of type ``t`` can never hold input ``spec`` (checked once per file, before the job), or
     ``None`` when its rows can be read (each row may still be rejected)."""
     dims = spec.shape[1:]
-    leaf = _leaf_type(t)
+    depth, leaf = _nesting(t)
     if not (pa.types.is_integer(leaf) or pa.types.is_floating(leaf) or pa.types.is_boolean(leaf)):
         return f"holds {leaf} values; {spec.name} takes {spec.dtype}"
-    if np.issubdtype(spec.np_dtype, np.integer) and pa.types.is_floating(leaf):
-        pass  # integral floats are accepted row by row
+    # Float columns for integer inputs pass here: integral floats are accepted row by row.
     declared = getattr(t, "shape", None) if isinstance(t, pa.BaseExtensionType) else None
     if declared is not None and math.prod(declared) != math.prod(dims):
         return f"holds tensors of shape {list(declared)}; {spec.name} takes {list(dims)} per row"
-    depth = _depth(t)
     if declared is not None:
         return None
     if depth != len(dims) and not (depth == 1 and dims):
@@ -219,8 +209,8 @@ def to_tensor(arr: pa.Array | pa.ChunkedArray, spec: TensorSpec) -> tuple[np.nda
     reasons: list[str | None] = [None] * n
     arr, declared = _storage(arr)
     if declared is not None:
-        levels = [size] if _depth(arr.type) == 1 else list(declared)
-    elif dims and _depth(arr.type) == 1:
+        levels = [size] if _nesting(arr.type)[0] == 1 else list(declared)
+    elif dims and _nesting(arr.type)[0] == 1:
         levels = [size]
     else:
         levels = list(dims)
