@@ -37,9 +37,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from partitions.artifacts import read_plan
 from partitions.inputs import random_inputs
 from partitions.source import load_model
+from partitions.storage import read_plan
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ import psutil
 import ray
 from ray import serve
 
-from partitions.artifacts import read_plan
+from partitions.storage import read_plan
 from serve_app import bench
 from serve_app.app import AppArgs
 from serve_app.loadgen import closed_loop

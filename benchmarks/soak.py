@@ -30,9 +30,9 @@ import httpx
 import numpy as np
 
 from cluster import local
-from partitions.artifacts import read_plan
 from partitions.dtypes import oip_datatype
 from partitions.inputs import random_inputs
+from partitions.storage import read_plan
 from serve_app.loadgen import closed_loop, open_loop
 from serve_app.ports import free_port
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.serve_policy import policy_section
-from partitions.artifacts import read_plan
 from partitions.plan import Plan
+from partitions.storage import read_plan
 from serve_app.app import AppArgs, deployment_options, proxy_timeout_s
 from serve_app.names import APP_IMPORT_PATH, ENTRANCE, stage_name
 

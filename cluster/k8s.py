@@ -33,8 +33,8 @@ from cluster.placement import (
     placement_options,
 )
 from cluster.policy import bottleneck_allocation, replica_rate_per_s
-from partitions.artifacts import read_plan
 from partitions.plan import Plan
+from partitions.storage import read_plan
 from serve_app.names import ENTRANCE, stage_name
 
 API_VERSION = "ray.io/v1"

@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from partitions import artifacts
+from partitions import artifacts, storage
 from partitions.capture import CapturedGraph, capture, embedding_limits
 from partitions.costs import NodeCost, gemm_gflops, measure_ms, profile
 from partitions.dtypes import PLAN_DTYPES
@@ -139,7 +139,7 @@ def build_plan(source: ModelSource, uri: str, opts: PlanOptions, progress: Progr
     )
     problems = plan.problems()
     assert not problems, problems
-    artifacts.write_plan(uri, plan)
+    storage.write_plan(uri, plan)
     return plan
 
 
@@ -253,7 +253,7 @@ def _write_stages(
         children = _children(cg, a, b) if cg.method == "modules" else None
         data, fmt, exported = artifacts.encode_stage(program.gm, args, children)
         name = f"stage-{i:03d}" + (".pt2" if fmt == artifacts.EXPORTED else ".safetensors")
-        artifacts.write_file(uri, name, data)
+        storage.write_file(uri, name, data)
         engine = _stage_engine(i, exported, args, uri, opts, device)
         weights = [p for p in program.gm.state_dict().values()]
         stage_costs = costs[a:b]
@@ -264,7 +264,7 @@ def _write_stages(
                 inputs=[_spec(cg, n) for n in program.inputs],
                 computed=[_spec(cg, n) for n in program.computed],
                 carried=program.carried,
-                artifact=Artifact(name, fmt, artifacts.sha256(data), len(data), children or []),
+                artifact=Artifact(name, fmt, storage.sha256(data), len(data), children or []),
                 params=sum(t.numel() for t in weights),
                 weight_bytes=sum(t.numel() * t.element_size() for t in weights),
                 memory_bytes=part.memory_bytes[i],
@@ -295,8 +295,8 @@ def _stage_engine(
     artifact = None
     if choice.artifact is not None:
         name = f"stage-{index:03d}.{ONNX_FORMAT}"
-        artifacts.write_file(uri, name, choice.artifact)
-        artifact = Artifact(name, ONNX_FORMAT, artifacts.sha256(choice.artifact), len(choice.artifact))
+        storage.write_file(uri, name, choice.artifact)
+        artifact = Artifact(name, ONNX_FORMAT, storage.sha256(choice.artifact), len(choice.artifact))
     target = current_target(device) if choice.name != EAGER else ""
     return StageEngine(choice.name, artifact, target, choice.reason, choice.batches, choice.ms)
 

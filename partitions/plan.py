@@ -8,11 +8,14 @@ defaults, so older plans load as they are) and refuses a newer one, naming both 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from partitions.errors import ArtifactError
 from partitions.types import Bytes, Ms, TensorSpec
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 2
 """The version this partserve writes; it reads 1 to this one."""
@@ -265,6 +268,10 @@ class Plan:
     def serve_batch_size(self) -> int:
         """Samples per batch the entrance forms by default: the tuned batch, else the plan's."""
         return int(self.tuning.get("batch_size") or self.batch_size)
+
+    def named_outputs(self, payload: Mapping[str, T]) -> dict[str, T]:
+        """The model outputs, under their user-facing names, from the sink stages' merged payload."""
+        return {spec.name: payload[value] for spec, value in zip(self.outputs, self.output_values)}
 
     def sinks(self) -> list[int]:
         """Stages no other stage reads from: their outputs, merged, hold the model outputs."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from partitions import artifacts
+from partitions import storage
 from partitions.errors import ModelError
 from partitions.plan import Processing, ProcessingFile
 from partitions.types import BATCH, Payload, TensorSpec
@@ -121,8 +121,8 @@ def write_processing(source: ProcessingSource | None, outputs: Sequence[TensorSp
         with open(os.path.join(source.directory, name), "rb") as f:
             data = f.read()
         path = f"{PROCESSING_DIR}/{name}"
-        artifacts.write_file(uri, path, data)
-        processing.files.append(ProcessingFile(path, artifacts.sha256(data), len(data)))
+        storage.write_file(uri, path, data)
+        processing.files.append(ProcessingFile(path, storage.sha256(data), len(data)))
     return processing
 
 
@@ -234,7 +234,7 @@ def load_tokenizer(uri: str, files: Sequence[ProcessingFile]) -> Any:
     scratch = tempfile.mkdtemp(prefix="partserve-tokenizer-")
     try:
         for f in files:
-            data = artifacts.read_checked(uri, f.path, f.sha256)
+            data = storage.read_checked(uri, f.path, f.sha256)
             local = os.path.join(scratch, f.path.removeprefix(PROCESSING_DIR + "/"))
             os.makedirs(os.path.dirname(local), exist_ok=True)
             with open(local, "wb") as out:

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from partitions import engines
-from partitions.artifacts import decode_stage, read_plan, read_shard
+from partitions.artifacts import decode_stage, read_shard
 from partitions.engines import EAGER, ONNXRUNTIME, current_target, unavailable
 from partitions.plan import Plan
+from partitions.storage import read_plan
 from partitions.types import Payload
 
 T = TypeVar("T")
@@ -109,11 +110,6 @@ def stage_payload(
     return merged
 
 
-def outputs_of(plan: Plan, payload: Mapping[str, np.ndarray]) -> Payload:
-    """The model outputs, under their user-facing names, from the last stage's payload."""
-    return {spec.name: payload[value] for spec, value in zip(plan.outputs, plan.output_values)}
-
-
 def run_pipeline(
     runners: list[StageRunner],
     inputs: Mapping[str, np.ndarray],
@@ -134,7 +130,7 @@ def run_pipeline(
             want, names = references[stage.index](payload), runner.output_names
             err = engines.rel_error([sent[stage.index][n] for n in names], [want[n] for n in names])
             rel_errors[stage.index] = max(rel_errors[stage.index], err)
-    return outputs_of(plan, stage_payload(plan.sinks(), sent, inputs))
+    return plan.named_outputs(stage_payload(plan.sinks(), sent, inputs))
 
 
 def load_pipeline(

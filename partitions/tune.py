@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from partitions.artifacts import read_plan, write_plan
 from partitions.inputs import random_inputs
 from partitions.plan import Plan
 from partitions.runtime import StageRunner, load_pipeline, stage_payload
+from partitions.storage import read_plan, write_plan
 from partitions.types import Payload
 
 NEAR = 0.03

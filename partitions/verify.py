@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from partitions.artifacts import read_plan
 from partitions.dtypes import accept, to_numpy, to_torch, torch_dtype
 from partitions.engines import EAGER
 from partitions.errors import PartserveError
 from partitions.inputs import random_inputs
 from partitions.runtime import StageRunner, load_pipeline, run_pipeline, stage_payload
 from partitions.source import ModelSource, load_model
+from partitions.storage import read_plan
 from partitions.types import Payload, TensorSpec
 
 DEFAULT_TOLERANCE = 1e-6

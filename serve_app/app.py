@@ -15,8 +15,8 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
-from partitions.artifacts import read_plan
 from partitions.plan import Plan
+from partitions.storage import read_plan
 from serve_app.config import EntranceConfig, StageConfig
 from serve_app.entrance import Entrance
 from serve_app.names import ENTRANCE, stage_name

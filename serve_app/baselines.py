@@ -26,11 +26,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from partitions.artifacts import read_plan
 from partitions.dtypes import to_numpy, to_torch
 from partitions.engines import EAGER, ONNXRUNTIME, Runner, whole_model
 from partitions.runtime import pick_device
 from partitions.source import plan_model
+from partitions.storage import read_plan
 from partitions.types import Payload
 from serve_app.batching import concat, split
 from serve_app.config import StageConfig

@@ -37,7 +37,6 @@ import torch
 from ray import serve
 from ray.serve import Application
 
-from partitions.artifacts import read_plan
 from partitions.costs import measure_ms
 from partitions.dtypes import to_numpy
 from partitions.engines import EAGER, ONNXRUNTIME, whole_model
@@ -45,6 +44,7 @@ from partitions.inputs import random_inputs
 from partitions.plan import Plan
 from partitions.runtime import load_pipeline, pick_device, run_pipeline
 from partitions.source import plan_model
+from partitions.storage import read_plan
 from serve_app.app import AppArgs, build_app, default_model_name, entrance_config, stage_config
 from serve_app.baselines import SetupConfig, plain_chain_app, whole_model_app
 from serve_app.loadgen import Call, RunResult, closed_loop, open_loop

@@ -86,11 +86,10 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from partitions.artifacts import read_plan
 from partitions.dtypes import accepted_datatypes, is_float, oip_datatype
 from partitions.plan import Plan
 from partitions.processing import TEXT_INPUT, Processor
-from partitions.runtime import outputs_of
+from partitions.storage import read_plan
 from partitions.types import Payload, TensorSpec
 from serve_app import codecs
 from serve_app.auth import CHALLENGE, authorized, load_token
@@ -170,7 +169,7 @@ async def run_stages(
     merged: Payload = {}
     for outputs in sent:
         merged.update(outputs)
-    return from_wire(outputs_of(plan, merged), plan.outputs)
+    return from_wire(plan.named_outputs(merged), plan.outputs)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ Nothing here imports torch: read tasks run this module in many worker processes.
 from __future__ import annotations
 
 import math
-import os
 import posixpath
 import re
 from collections.abc import Sequence
@@ -27,8 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from partitions import storage
 from partitions.dtypes import arrow_type, from_words, wire_array
-from partitions.errors import PartserveError
+from partitions.errors import ArtifactError, PartserveError
 from partitions.types import TensorSpec
 
 REJECTED_DIR = "_rejected"
@@ -61,14 +61,12 @@ class InputFile:
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path behind ``uri`` (a plain path is local and may be relative); as
-    :func:`partitions.artifacts.resolve`, without importing torch into the read tasks."""
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
+    """The filesystem and path behind ``uri`` (:func:`partitions.storage.resolve`), a failure as the job's
+    input error."""
     try:
-        return pafs.FileSystem.from_uri(uri)
-    except (ValueError, OSError) as exc:
-        raise BatchInputError(f"cannot open {uri!r} ({exc})", "pass a local path or an s3://, gs:// URI") from exc
+        return storage.resolve(uri)
+    except ArtifactError as exc:
+        raise BatchInputError(exc.message, "pass a local path or an s3://, gs:// URI") from exc
 
 
 def _uri_base(uri: str) -> tuple[str, str]:

@@ -98,7 +98,7 @@ def prepare(
     whose output under ``output_uri`` is complete. ``mapping``: input column -> model input; ``keys``: the
     columns kept beside the outputs; ``gpus``: each stage actor takes the plan's GPU share; ``cpus``: the
     CPUs the job may use (default: the cluster's)."""
-    from partitions.artifacts import read_plan
+    from partitions.storage import read_plan
 
     plan = read_plan(plan_uri)
     _, files = list_inputs(input_uri)

@@ -170,7 +170,7 @@ class StageStep:
 
         if device in (None, "auto", "cpu"):
             torch.set_num_threads(threads)
-        from partitions.artifacts import read_plan
+        from partitions.storage import read_plan
 
         layout = Layout(read_plan(uri), keys, columns)  # small constructor arguments: the plan is read here
         self.runner = StageRunner(uri, index, device, layout.plan, threads=threads)

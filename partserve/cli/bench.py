@@ -266,8 +266,8 @@ async def _against_running(
     import httpx
     import numpy as np
 
-    from partitions.artifacts import read_plan
     from partitions.errors import PartserveError
+    from partitions.storage import read_plan
     from serve_app import bench as b
 
     if target is None:

@@ -52,11 +52,11 @@ def resolve_plan(
 ) -> str:
     """A plan URI for ``target``: a plan directory as given, else MODEL planned once (with model ``options``)
     into the cache."""
-    from partitions.artifacts import read_file
     from partitions.errors import ArtifactError
     from partitions.partition import PlanOptions, build_plan
     from partitions.plan import PLAN_FILE
     from partitions.source import load_model
+    from partitions.storage import read_file
 
     if target is not None:
         try:
@@ -248,7 +248,7 @@ def run(
     progress and the ready line; Ray's and Serve's logs go to a file it names (--verbose: here too)."""
     stop_on_signals()
     from cluster import local
-    from partitions.artifacts import read_plan
+    from partitions.storage import read_plan
     from serve_app.app import default_model_name
 
     started = time.monotonic()

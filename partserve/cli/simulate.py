@@ -47,7 +47,7 @@ def load_stages(
     """Stages from the plan in ``plan_dir`` (``run_ms`` per batch of ``batch_size``) or ``--service-ms``."""
     gpus: list[float]
     if plan_dir is not None:
-        from partitions.artifacts import read_plan
+        from partitions.storage import read_plan
 
         plan = read_plan(plan_dir)  # a local path or an s3:// ... URI, checked as serving checks it
         full_ms = [s.run_ms for s in plan.stages]

@@ -26,11 +26,11 @@ from ray.cluster_utils import Cluster
 
 from cluster.deploy import serve_config
 from cluster.placement import GROUP_LABEL, apply_options, colocation_groups, placement_options
-from partitions.artifacts import read_plan, write_plan
 from partitions.inputs import random_inputs
 from partitions.partition import PlanOptions, build_plan
 from partitions.plan import Plan
 from partitions.source import load_model
+from partitions.storage import read_plan, write_plan
 from serve_app.names import ENTRANCE
 from serve_app.ray_internals import alive_actor_nodes, deploy_apps
 from tests import REPO

@@ -12,9 +12,9 @@ import pyarrow.fs as pafs
 import pytest
 from moto.server import ThreadedMotoServer
 
-from partitions.artifacts import read_plan
 from partitions.partition import PlanOptions, build_plan
 from partitions.source import load_model
+from partitions.storage import read_plan
 from partitions.verify import verify
 from serve_app.app import AppArgs
 from serve_app.ports import free_port

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from partitions.artifacts import read_plan
 from partitions.engine_choice import candidates, pick
 from partitions.engines import AUTO, EAGER, INDUCTOR, ONNX_FORMAT, ONNXRUNTIME, current_target, load
 from partitions.partition import PlanOptions, build_plan
 from partitions.plan import PLAN_FILE
 from partitions.runtime import StageRunner, load_pipeline, pick_device
 from partitions.source import load_model
+from partitions.storage import read_plan
 from partitions.verify import ENGINE_TOLERANCE, verify
 
 pytest.importorskip("onnxruntime")

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 
-from partitions.artifacts import read_plan
 from partitions.compress.api import calibration_inputs, compress
 from partitions.dtypes import BFLOAT16
 from partitions.errors import PlanError
@@ -19,6 +18,7 @@ from partitions.partition import PlanOptions, build_plan
 from partitions.plan import PLAN_FILE, Plan
 from partitions.runtime import load_pipeline, run_pipeline
 from partitions.source import load_model
+from partitions.storage import read_plan
 from partitions.verify import HALF_TOLERANCE, SAME_DTYPE_TOLERANCE, verify
 from tests import REPO
 

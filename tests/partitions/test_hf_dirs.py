@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from partitions.artifacts import read_plan
 from partitions.errors import ArtifactError
 from partitions.partition import PlanOptions, build_plan
 from partitions.processing import Processor
 from partitions.runtime import load_pipeline, run_pipeline
 from partitions.source import load_model
+from partitions.storage import read_plan
 from partitions.verify import verify
 from tests import hf_dirs
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from partitions.artifacts import read_plan
 from partitions.inputs import random_inputs
 from partitions.partition import PlanOptions, build_plan
 from partitions.plan import PLAN_FILE, SCHEMA_VERSION
 from partitions.runtime import StageRunner, load_pipeline, run_pipeline, stage_payload
 from partitions.source import load_model
+from partitions.storage import read_plan
 from partitions.verify import verify
 from tests import REPO
 

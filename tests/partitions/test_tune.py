@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from partitions.artifacts import read_plan
+from partitions.storage import read_plan
 from partitions.tune import NEAR, Trial, best_trial, next_threads, tune
 from tests.serve_fixtures import MLP
 

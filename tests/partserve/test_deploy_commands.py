@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from cluster.placement import GROUP_LABEL
-from partitions import artifacts
+from partitions import storage
 from partserve.cli.k8s import k8s
 from partserve.cli.serving import build, run
 from tests.serve_fixtures import PlannedModel
@@ -36,16 +36,16 @@ class Deployed(Exception):
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every plan URI read or written through :mod:`partitions.artifacts` during the test."""
+    """Every plan URI read or written through :mod:`partitions.storage` during the test."""
     seen: list[str] = []
-    resolve = artifacts.resolve
+    resolve = storage.resolve
 
     def spy(uri: str):
         seen.append(uri)
         assert not uri.startswith("s3://"), f"{uri} was read: the plan must come from PLAN_DIR"
         return resolve(uri)
 
-    monkeypatch.setattr(artifacts, "resolve", spy)
+    monkeypatch.setattr(storage, "resolve", spy)
     return seen
 
 

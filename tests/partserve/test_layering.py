@@ -80,3 +80,13 @@ def test_python_m_partserve_help() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "Usage:" in r.stdout
+
+
+def test_entrance_and_batch_reads_import_no_torch() -> None:
+    """An entrance replica and a batch job's read tasks parse requests and Parquet and read plan.json; torch
+    (1.5 s of CPU and 180 MB per process, measured) belongs to the stage replicas alone."""
+    code = "import sys, serve_app.entrance, cluster.batch.files; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False", "serve_app.entrance or cluster.batch.files imports torch"
