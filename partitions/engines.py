@@ -95,12 +95,18 @@ def one_line(exc: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def max_errors(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> tuple[float, float]:
+    """``(max |got - want|, max |want|)`` over all outputs, paired in order, in float64."""
+    err = max((float(np.max(np.abs(g.astype(np.float64) - w), initial=0)) for g, w in zip(got, want)), default=0.0)
+    scale = max((float(np.max(np.abs(w.astype(np.float64)), initial=0)) for w in want), default=0.0)
+    return err, scale
+
+
 def rel_error(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
     """max |got - want| / max |want| over all outputs (inf when the shapes or counts differ)."""
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
         return float("inf")
-    err = max((float(np.max(np.abs(g.astype(np.float64) - w), initial=0)) for g, w in zip(got, want)), default=0.0)
-    scale = max((float(np.max(np.abs(w.astype(np.float64)), initial=0)) for w in want), default=0.0)
+    err, scale = max_errors(got, want)
     return err / scale if scale else err
 
 

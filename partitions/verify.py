@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from partitions.dtypes import accept, to_numpy, to_torch, torch_dtype
-from partitions.engines import EAGER
+from partitions.engines import EAGER, max_errors, rel_error
 from partitions.errors import PartserveError
 from partitions.inputs import random_inputs
 from partitions.runtime import StageRunner, load_pipeline, run_pipeline, stage_payload
@@ -184,12 +184,7 @@ def _compare(
     for name, arrays in cases.items():
         tensors = {k: to_torch(v).to(device, source.example_inputs[k].dtype) for k, v in arrays.items()}
         reference = source.forward_flat(tensors)
-        outputs = list(got[name].values())
-        abs_err, scale = 0.0, 0.0
-        for out, ref in zip(outputs, reference):
-            ref_np = to_numpy(ref).astype(np.float64)
-            abs_err = max(abs_err, float(np.max(np.abs(out.astype(np.float64) - ref_np), initial=0)))
-            scale = max(scale, float(np.max(np.abs(ref_np), initial=0)))
+        abs_err, scale = max_errors(list(got[name].values()), [to_numpy(ref) for ref in reference])
         batch = next(iter(arrays.values())).shape[0]
         results.append(Case(name, batch, abs_err, abs_err / scale if scale else abs_err))
     return results
@@ -217,12 +212,7 @@ def stage_errors(runners: list[StageRunner], inputs: Payload) -> list[float | No
             errors.append(None)
             continue
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        err, scale = 0.0, 0.0
-        for name, ref in zip(runner.output_names, outs):
-            ref_np = to_numpy(ref).astype(np.float64)
-            err = max(err, float(np.max(np.abs(sent[stage.index][name].astype(np.float64) - ref_np), initial=0)))
-            scale = max(scale, float(np.max(np.abs(ref_np), initial=0)))
-        errors.append(err / scale if scale else err)
+        errors.append(rel_error([sent[stage.index][n] for n in runner.output_names], [to_numpy(t) for t in outs]))
     return errors
 
 
