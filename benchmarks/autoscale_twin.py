@@ -197,7 +197,7 @@ def measured_service_ms(stages: list[str], asks: int = 12, last: int = 200) -> l
     the device idles while the next request's thread waits for a CPU."""
     from ray import serve
 
-    from serve_app.stage import union_s
+    from serve_app.metrics import union_s
 
     out: list[float | None] = []
     for name in stages:

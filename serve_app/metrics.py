@@ -132,6 +132,15 @@ def merge_sketches(sketches: Iterable[Mapping[int, int]]) -> dict[int, int]:
     return merged
 
 
+def union_s(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by the ``(start_s, end_s)`` intervals, overlaps counted once."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
 def window_summary(
     batches: Sequence[tuple[float, float, int, int]],
     now_s: float,
@@ -142,18 +151,19 @@ def window_summary(
     """What a replica did in the last ``window_s`` seconds (or since ``since_s``, its start, if later).
 
     ``batches``: ``(start_s, end_s, requests, samples)``, newest last (epoch seconds); ``running_since_s``:
-    start of the batch running now. Returns ``window_s`` (the span covered, s), ``busy_s`` (batch time inside
-    it, the running batch included), ``batches``, ``requests``, ``samples`` (of the batches that ended in it)
+    start of the batch running now. Returns ``window_s`` (the span covered, s), ``busy_s`` (time inside it
+    when a batch ran, the running batch included; batches that overlap count their common time once),
+    ``batches``, ``requests``, ``samples`` (of the batches that ended in it)
     and ``latency_sketch`` ({:func:`sketch_key`: count} of their wall times).
     """
     begin = max(now_s - window_s, since_s)
-    busy = 0.0 if running_since_s is None else now_s - max(running_since_s, begin)
+    spans = [] if running_since_s is None else [(max(running_since_s, begin), now_s)]
     count = requests = samples = 0
     sketch: dict[int, int] = {}
     for start, end, n, k in reversed(batches):
         if end <= begin:
             break
-        busy += end - max(start, begin)
+        spans.append((max(start, begin), end))
         count += 1
         requests += n
         samples += k
@@ -161,7 +171,7 @@ def window_summary(
         sketch[key] = sketch.get(key, 0) + 1
     return {
         "window_s": max(now_s - begin, 0.0),
-        "busy_s": busy,
+        "busy_s": union_s(spans),
         "batches": count,
         "requests": requests,
         "samples": samples,

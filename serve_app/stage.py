@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 from collections import deque
 from typing import Any
@@ -30,7 +29,7 @@ from partitions.runtime import StageRunner
 from partitions.types import Payload
 from serve_app.batching import run_together, samples, total_samples
 from serve_app.config import StageConfig
-from serve_app.metrics import StageMetrics, window_summary
+from serve_app.metrics import StageMetrics, union_s, window_summary
 from serve_app.names import BUSY_METRIC, FULL_BATCH_METRIC, QUEUED_METRIC, RUNNING_METRIC
 from serve_app.retry import DeadlineExceeded
 from serve_app.serve_types import set_batching
@@ -62,14 +61,6 @@ BUSY_HISTORY = 10_000
 STATS_WINDOW = 32
 """Batches the autoscaling metric looks back over."""
 
-
-def union_s(intervals: list[tuple[float, float]]) -> float:
-    """Seconds covered by the ``(start_s, end_s)`` intervals, overlaps counted once."""
-    total, reach = 0.0, -math.inf
-    for start, end in sorted(intervals):
-        total += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
-    return total
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -36,6 +36,9 @@ def test_window_summary_clips_to_window_and_counts_running_batch() -> None:
     assert s["busy_s"] == pytest.approx(1.0 + 1.0 + 0.5)  # 95-96 clipped, 97-98, running 99.5-100
     assert (s["batches"], s["requests"], s["samples"]) == (2, 6, 24)
     assert sum(s["latency_sketch"].values()) == 2
+    # Batches that overlap (each in its own thread, waiting there for the device) count their common time once.
+    both = window_summary([(96.0, 98.0, 1, 4), (96.5, 99.0, 1, 4)], 100.0, 0.0, running_since_s=98.5, window_s=5.0)
+    assert both["busy_s"] == pytest.approx(4.0)  # 96-100, not 2 + 2.5 + 1.5
     young = window_summary(batches, now_s=100.0, since_s=98.0, window_s=5.0)  # replica started 2 s ago
     assert young["window_s"] == 2.0 and young["batches"] == 0
 

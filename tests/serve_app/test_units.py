@@ -169,7 +169,7 @@ def test_closed_and_open_loop_count_requests_and_errors() -> None:
 
 
 def test_busy_union_counts_overlapping_batches_once() -> None:
-    from serve_app.stage import union_s
+    from serve_app.metrics import union_s
 
     # Three requests that waited for one device: [0, 1), [0, 2), [0, 3) run back to back: 3 s, not 6 s.
     assert union_s([(0.0, 1.0), (0.0, 2.0), (0.0, 3.0)]) == pytest.approx(3.0)
