@@ -6,6 +6,12 @@ Tiers (markers in pyproject.toml):
   ``tests/e2e/`` is marked here; elsewhere the test or module says so. ``python -m pytest -q -m "not slow"``
   is the inner loop (pure logic, small plans, CLI errors); ``python -m pytest -q`` runs everything.
 * ``gpu``: needs a CUDA device; skipped where torch sees none.
+* ``own_ray``: starts a Ray in the test process (a multi-node cluster, Ray Data, other resources).
+
+In parallel (``-n 2``, with ``--dist loadgroup`` from pyproject.toml): a process holds one Ray at a time, so the
+tests on the shared Serve (``serve_instance``) run in one worker and the ``own_ray`` tests in one worker; every
+other test runs wherever a worker is free. Two workers on 2 cores fill the time that one spends waiting (Serve's
+delays, autoscaling windows, replica start-ups).
 
 Fixtures:
 
@@ -52,6 +58,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if E2E in item.path.parents:
             item.add_marker(pytest.mark.slow)
+        if SHARED_SERVE in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(SHARED_SERVE))
+        elif item.get_closest_marker("own_ray"):
+            item.add_marker(pytest.mark.xdist_group("own_ray"))
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if gpu:
         import torch

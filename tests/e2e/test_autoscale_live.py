@@ -36,7 +36,7 @@ from cluster.sim.workloads import Workload, arrivals
 from serve_app.ray_internals import serve_details
 from tests import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
 STAGES = ["stage-0", "stage-1", "stage-2"]
 SETUP = TwinSetup(

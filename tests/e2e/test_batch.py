@@ -23,6 +23,8 @@ from tests import REPO
 from tests.batch_data import BAD, BATCH, check_rejected, outputs, reference, write_bad, write_inputs
 from tests.serve_fixtures import TRANSFORMER, PlannedModel, Planner
 
+pytestmark = pytest.mark.own_ray
+
 
 @pytest.fixture(scope="module")
 def address() -> Iterator[str]:

@@ -19,6 +19,8 @@ from tests import REPO
 from tests.batch_data import outputs, reference, write_inputs
 from tests.serve_fixtures import TRANSFORMER, Planner
 
+pytestmark = pytest.mark.own_ray
+
 
 @pytest.fixture(scope="module")
 def address() -> Iterator[str]:

@@ -35,7 +35,7 @@ from serve_app.names import ENTRANCE
 from serve_app.ray_internals import alive_actor_nodes, deploy_apps
 from tests import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
 RETRYABLE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "DeploymentUnavailableError")
 """Failures a client may retry: the replica (or its node) went away while serving the request."""
