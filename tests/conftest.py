@@ -69,7 +69,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not torch.cuda.is_available():
             for item in gpu:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-    items.sort(key=lambda item: SHARED_SERVE in getattr(item, "fixturenames", ()))  # stable: order kept otherwise
+    # Stable sort, order kept otherwise: the shared Serve's tests last; before them the slow tests first, so that
+    # with -n the short ones fill the workers' last minutes.
+    items.sort(key=lambda it: (SHARED_SERVE in getattr(it, "fixturenames", ()), not it.get_closest_marker("slow")))
 
 
 @pytest.fixture(scope="session")
