@@ -100,7 +100,8 @@ class CpuSampler(threading.Thread):
             except (psutil.Error, TypeError, AttributeError):
                 continue
             self.first.setdefault(p.info["pid"], t)
-            self.last[p.info["pid"]] = (cmd, t)
+            # A process that has exited (a zombie until reaped) shows an empty command line: keep its name.
+            self.last[p.info["pid"]] = (cmd or self.last.get(p.info["pid"], ("", 0.0))[0], t)
 
     def run(self) -> None:
         self.sample()
