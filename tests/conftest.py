@@ -3,8 +3,8 @@
 Tiers (markers in pyproject.toml):
 
 * ``slow``: starts Ray or Serve, a process that plans or serves, or exports a large model. Everything under
-  ``tests/e2e/`` is marked here; elsewhere the test or module says so. ``python -m pytest -q -m "not slow"``
-  is the inner loop (pure logic, small plans, CLI errors); ``python -m pytest -q`` runs everything.
+  ``tests/e2e/`` is marked here; elsewhere the test or module says so. ``python -m pytest -q -n 2 -m "not slow"``
+  is the inner loop (pure logic, small plans, CLI errors); ``python -m pytest -q -n 2`` runs everything.
 * ``gpu``: needs a CUDA device; skipped where torch sees none.
 * ``own_ray``: starts a Ray in the test process (a multi-node cluster, Ray Data, other resources).
 
