@@ -62,7 +62,6 @@ STATS_WINDOW = 32
 """Batches the autoscaling metric looks back over."""
 
 
-
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class StageDeployment:
     """Runs stage ``config.index`` of the plan at ``config.plan_uri`` on the device Ray assigned (CPU without
