@@ -110,16 +110,14 @@ class CpuSampler(threading.Thread):
             self.sample()
 
     def split(self, by_process: bool = False) -> dict[str, float]:
-        """CPU seconds by kind; ``by_process``: the job's Ray processes by name (``raylet``, ``gcs_server``,
-        ``ray::StageStep``, ...) instead."""
+        """CPU seconds by kind; ``by_process``: the job's processes under the driver by name (``raylet``,
+        ``gcs_server``, ``ray::MapWorker(...)``, ...) instead."""
         out: dict[str, float] = {}
         for pid, (cmd, t) in self.last.items():
+            if by_process and (pid not in self.job or pid == self.driver):
+                continue
             spent = t - self.first[pid] if pid in self.start_pids else t
-            k = self.kind(pid, cmd)
-            if by_process:
-                if pid not in self.job or pid in (self.me, self.driver):
-                    continue
-                k = process_name(cmd)
+            k = process_name(cmd) if by_process else self.kind(pid, cmd)
             out[k] = out.get(k, 0.0) + spent
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
@@ -166,7 +164,7 @@ def run_job(plan_dir: Path, inputs: Path, out: Path, batch: int, kill_at: int | 
     result["report"] = json.loads(stdout)
     result["wall_s"] = wall
     result["cpu_split_s"] = sampler.split()
-    result["cpu_ray_processes_s"] = {k: v for k, v in sampler.split(by_process=True).items() if v >= 0.5}
+    result["cpu_by_process_s"] = {k: v for k, v in sampler.split(by_process=True).items() if v >= 0.5}
     if kill_at:
         now = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
         result["rewritten"] = sorted(n for n in done if now.get(n) != done[n])
@@ -259,7 +257,7 @@ def main() -> None:
     print(f"  bottleneck {r['bottleneck']}; rejected {r['rejected']}")
     print(f"outputs vs whole model: max abs error / max |reference| = {rel:.3g}; each row once: {once}")
     print("CPU seconds while the job ran: " + ", ".join(f"{k} {v:.1f}" for k, v in job["cpu_split_s"].items()))
-    print("  the job's processes: " + ", ".join(f"{k} {v:.1f}" for k, v in job["cpu_ray_processes_s"].items()))
+    print("  the job's processes: " + ", ".join(f"{k} {v:.1f}" for k, v in job["cpu_by_process_s"].items()))
     if args.kill_at:
         print(f"killed after {job['killed_after_s']:.1f} s with {job['complete_at_kill']} files complete; the "
               f"restart skipped {r['skipped_files']} and rewrote {job['rewritten'] or 'none'} of them")  # fmt: skip
