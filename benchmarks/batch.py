@@ -11,6 +11,7 @@ anything else running on the machine)::
     PYTHONPATH=. python3 benchmarks/batch.py                         # demo-transformer, 4 stages, 20,000 rows
     PYTHONPATH=. python3 benchmarks/batch.py --rows 4000 --batch-size 128
     PYTHONPATH=. python3 benchmarks/batch.py --kill-at 4             # killed after 4 files, then restarted
+    PYTHONPATH=. python3 benchmarks/batch.py --pool-per-stage        # one actor pool per stage, 4 on 2 cores
 
 With ``--kill-at N`` the job is killed (SIGKILL) once N output files are complete and run again; the report
 then says how many files the second run skipped and checks that each input row is in the output once.
@@ -134,9 +135,11 @@ def process_name(cmd: str) -> str:
     return name.removesuffix(".py")
 
 
-def run_job(plan_dir: Path, inputs: Path, out: Path, batch: int, kill_at: int | None) -> dict[str, Any]:
+def run_job(
+    plan_dir: Path, inputs: Path, out: Path, batch: int, kill_at: int | None, pool_per_stage: bool = False
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "partserve", "batch", str(plan_dir), "--input", str(inputs), "--output", str(out),
-           "--batch-size", str(batch), "--json"]  # fmt: skip
+           "--batch-size", str(batch), "--json", *(["--pool-per-stage"] if pool_per_stage else [])]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result: dict[str, Any] = {}
     if kill_at:
@@ -201,6 +204,9 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--kill-at", type=int, help="kill the job after this many complete files, then restart")
+    parser.add_argument(
+        "--pool-per-stage", action="store_true", help="one actor pool per stage (partserve batch's flag)"
+    )
     parser.add_argument("--workdir", type=Path, help="where the inputs and outputs go (default: a temp dir)")
     parser.add_argument("--json", dest="json_out", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -216,7 +222,7 @@ def main() -> None:
     load = os.getloadavg()[0]
 
     before, _ = torch_bound(plan_dir, name, x, args.batch_size, limit_s=30.0)
-    job = run_job(plan_dir, inputs, out, args.batch_size, args.kill_at)
+    job = run_job(plan_dir, inputs, out, args.batch_size, args.kill_at, args.pool_per_stage)
     bound, want = torch_bound(plan_dir, name, x, args.batch_size)  # all rows: also the reference outputs
 
     table = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))])
@@ -231,6 +237,7 @@ def main() -> None:
         "rows": args.rows,
         "files": args.files,
         "batch_size": args.batch_size,
+        "pool_per_stage": args.pool_per_stage,
         "cores": os.cpu_count(),
         "load_average_at_start": load,
         "torch_bound_rows_per_s": bound,
@@ -244,15 +251,16 @@ def main() -> None:
         **{k: v for k, v in job.items() if k != "report"},
         "report": r,
     }
-    print(f"plan {plan_dir} ({len(r['steps']) - 1} stages), {args.rows:,} rows in {args.files} files, "
-          f"batch {args.batch_size}, {os.cpu_count()} cores, load average {load:.1f} at start")  # fmt: skip
+    stages = len(read_plan(str(plan_dir)).stages)
+    print(f"plan {plan_dir} ({stages} stages in {len(r['steps']) - 1} pools), {args.rows:,} rows in {args.files} "
+          f"files, batch {args.batch_size}, {os.cpu_count()} cores, load average {load:.1f} at start")  # fmt: skip
     print(f"torch bound (whole model, {os.cpu_count()} threads): {bound:,.1f} rows/s over all rows after the "
           f"job; {before:,.1f} rows/s over 30 s before it")  # fmt: skip
     print(f"partserve batch: {r['rows_per_s']:,.1f} rows/s over {r['seconds']:.1f} s "
           f"({results['job_vs_bound']:.2f}x the bound); {r['streaming_rows_per_s']:,.1f} rows/s from the first "
           f"batch on ({results['streaming_vs_bound']:.2f}x); {job['wall_s']:.1f} s with Ray's start")  # fmt: skip
     for s in r["steps"]:
-        print(f"  {s['step']:<8} actors {s['actors'] or 'tasks'}, {s['num_cpus']:.3g} CPUs each: busy "
+        print(f"  {s['step']:<10} actors {s['actors'] or 'tasks'}, {s['num_cpus']:.3g} CPUs each: busy "
               f"{s['busy_s']:.1f} s, {s['rows_per_s']:,.0f} rows/s it can do, {s['utilisation']:.0%} busy")  # fmt: skip
     print(f"  bottleneck {r['bottleneck']}; rejected {r['rejected']}")
     print(f"outputs vs whole model: max abs error / max |reference| = {rel:.3g}; each row once: {once}")

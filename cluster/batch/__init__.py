@@ -2,8 +2,9 @@
 
 The pipeline: read tasks (one per row group) turn the mapped columns into the plan's inputs and mark the rows
 that do not fit; then one ``map_batches`` actor pool per stage, each actor loading only its stage's shard,
-once. Pool sizes follow the plan's measured stage times so the stages keep pace, and the CPU (with ``gpus``,
-GPU) requests are fractions sized so that every pool fits the cluster at once. Activations move between the
+once (on fewer CPUs than stages, a pool per run of consecutive stages, run back to back in one actor). Pool
+sizes follow the plan's measured stage times so the stages keep pace, and the CPU (with ``gpus``, GPU)
+requests are fractions sized so that every pool fits the cluster at once. Activations move between the
 pools as Arrow blocks through Ray's object store.
 
 * :mod:`cluster.batch.files`: Parquet inputs and outputs, Arrow columns <-> numpy batches (no Ray, no torch).

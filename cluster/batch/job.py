@@ -2,7 +2,8 @@
 
 :func:`prepare` reads the plan and the inputs' footers and checks them against each other (no Ray yet).
 :func:`dataset` makes the pipeline: read tasks (one per row group), then one ``map_batches`` actor pool per
-stage (:mod:`cluster.batch.steps`), sized by :func:`cluster.batch.pools.plan_pools` for the connected cluster.
+stage, or per run of consecutive stages where the cluster has fewer CPUs than stages
+(:mod:`cluster.batch.steps`), sized by :func:`cluster.batch.pools.plan_pools` for the connected cluster.
 :func:`run_job` runs it, writes the outputs (:class:`cluster.batch.files.FileSink`), skipping input files
 whose output is already complete, and returns a :class:`JobReport`.
 """
@@ -32,7 +33,7 @@ from cluster.batch.files import (
     resolve,
 )
 from cluster.batch.pools import Pool, plan_pools
-from cluster.batch.steps import BUSY, READ_STEP, STARTED, Layout, StageStep, read_step, resolve_layout
+from cluster.batch.steps import BUSY, READ_STEP, STARTED, Layout, StageStep, read_step, resolve_layout, stage_key
 from partitions.plan import Plan
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class Prepared:
     gpus: bool
     cpus: float | None
     device: str
+    share_actors: bool = True
+    """Consecutive stages share an actor where the cluster has fewer CPUs than stages."""
     pools: list[Pool] = field(default_factory=list)
     read_cpus: float = 0.0
     read_tasks: int = 2
@@ -78,7 +81,7 @@ class Prepared:
             raise BatchInputError("the Ray cluster has no CPUs", "add a node with CPUs")
         if self.cpus and self.cpus < sum(nodes):  # the job's share of every node
             nodes = [c * self.cpus / sum(nodes) for c in nodes]
-        self.pools, self.read_cpus = plan_pools(self.plan, nodes, have_gpus, self.gpus)
+        self.pools, self.read_cpus = plan_pools(self.plan, nodes, have_gpus, self.gpus, self.share_actors)
         self.read_tasks = 2 * len(nodes)
 
 
@@ -93,11 +96,13 @@ def prepare(
     gpus: bool = False,
     cpus: float | None = None,
     device: str | None = None,
+    share_actors: bool = True,
 ) -> Prepared:
     """Read the plan and the inputs' footers and check them against each other (no Ray yet); drop inputs
     whose output under ``output_uri`` is complete. ``mapping``: input column -> model input; ``keys``: the
     columns kept beside the outputs; ``gpus``: each stage actor takes the plan's GPU share; ``cpus``: the
-    CPUs the job may use (default: the cluster's)."""
+    CPUs the job may use (default: the cluster's); ``share_actors``: consecutive stages share an actor where
+    the cluster has fewer CPUs than the plan has stages (False: one pool per stage)."""
     from partitions.storage import read_plan
 
     plan = read_plan(plan_uri)
@@ -113,7 +118,7 @@ def prepare(
         skipped = [f for f in files if is_complete(out_fs, out_base, f.rel)]
         files = [f for f in files if f not in skipped]
     device = device or ("cuda" if gpus else "cpu")
-    return Prepared(plan_uri, plan, input_uri, files, skipped, layout, batch_size, gpus, cpus, device)
+    return Prepared(plan_uri, plan, input_uri, files, skipped, layout, batch_size, gpus, cpus, device, share_actors)
 
 
 def dataset(job: Prepared, stats: bool = False) -> ray.data.Dataset:
@@ -140,7 +145,7 @@ def dataset(job: Prepared, stats: bool = False) -> ray.data.Dataset:
         compute=ray.data.TaskPoolStrategy(size=job.read_tasks),
         num_cpus=job.read_cpus,
     )
-    last = len(job.pools) - 1
+    last = len(job.plan.stages) - 1
     for pool in job.pools:
         ds = ds.map_batches(
             StageStep,
@@ -149,19 +154,19 @@ def dataset(job: Prepared, stats: bool = False) -> ray.data.Dataset:
             zero_copy_batch=True,
             fn_constructor_kwargs={
                 "uri": job.uri,
-                "index": pool.stage,
+                "stages": list(pool.stages),
                 "keys": job.layout.keys,
                 "columns": job.layout.columns,
                 "threads": pool.threads,
                 "device": job.device,
-                "final": pool.stage == last,
+                "final": pool.stages[-1] == last,
             },
             compute=ray.data.ActorPoolStrategy(size=pool.actors),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
         )
     if not stats:
-        ds = ds.drop_columns([STARTED, *[f"{BUSY}{s}" for s in [READ_STEP, *range(len(job.pools))]]])
+        ds = ds.drop_columns([STARTED, *[f"{BUSY}{s}" for s in [READ_STEP, *(stage_key(p.stages) for p in job.pools)]]])
     return ds
 
 
@@ -178,7 +183,8 @@ def batch_dataset(plan_uri: str, input_uri: str, **options: Any) -> ray.data.Dat
 class StepReport:
     step: str
     actors: int
-    """Actors of a stage's pool; 0 for the read step (tasks, as many as Ray Data runs at once)."""
+    """Actors of a stage's pool (or of the pool of consecutive stages, ``stages-0-1``); 0 for the read step
+    (tasks, as many as Ray Data runs at once)."""
     num_cpus: float
     num_gpus: float
     busy_s: float
@@ -304,8 +310,8 @@ def run_job(
 def _step_reports(job: Prepared, busy: Mapping[str, float], rows: int, seconds: float) -> list[StepReport]:
     out = []
     steps: list[tuple[str, int, float, float]] = [(READ_STEP, 0, job.read_cpus, 0.0)]
-    steps += [(f"stage-{p.stage}", p.actors, p.num_cpus, p.num_gpus) for p in job.pools]
-    keys = [READ_STEP, *[str(p.stage) for p in job.pools]]
+    steps += [(p.name, p.actors, p.num_cpus, p.num_gpus) for p in job.pools]
+    keys = [READ_STEP, *[stage_key(p.stages) for p in job.pools]]
     for (name, actors, cpus, gpus), key in zip(steps, keys):
         b = busy.get(key, 0.0)
         out.append(

@@ -44,6 +44,20 @@ STARTED = "__ps_started"
 READ_STEP = "read"
 
 
+def stage_key(stages: Sequence[int]) -> str:
+    """The report's key of a step running ``stages``: ``2``, or ``0-1`` for stages 0 and 1."""
+    return str(stages[0]) if len(stages) == 1 else f"{stages[0]}-{stages[-1]}"
+
+
+class StageFailed(Exception):
+    """A stage of a step raised on a batch: which stage, and what it raised."""
+
+    def __init__(self, stage: int, error: Exception) -> None:
+        super().__init__(f"stage {stage}: {error}")
+        self.stage = stage
+        self.error = error
+
+
 @dataclass
 class Layout:
     """What flows between the steps: key columns, model inputs by column, and which values each step keeps."""
@@ -152,12 +166,13 @@ def read_step(batch: pa.Table, layout: Layout, batch_size: int) -> Iterator[pa.T
 
 
 class StageStep:
-    """A Ray Data actor running one stage of the plan on Arrow batches; loads the stage's shard once."""
+    """A Ray Data actor running one stage of the plan, or consecutive ``stages`` back to back (the
+    activations between them stay in the actor), on Arrow batches; loads the stages' shards once."""
 
     def __init__(
         self,
         uri: str,
-        index: int,
+        stages: Sequence[int],
         keys: list[str],
         columns: dict[str, str],
         threads: int,
@@ -173,16 +188,28 @@ class StageStep:
         from partitions.storage import read_plan
 
         layout = Layout(read_plan(uri), keys, columns)  # small constructor arguments: the plan is read here
-        self.runner = StageRunner(uri, index, device, layout.plan, threads=threads)
+        self.runners = [StageRunner(uri, i, device, layout.plan, threads=threads) for i in stages]
         self.layout = layout
-        self.index = index
+        self.stages = list(stages)
+        self.key = stage_key(self.stages)
         self.final = final
-        self.specs = {t.name: t for t in self.runner.stage.inputs}
-        self.specs.update({c: layout.spec(c) for c in self.runner.stage.carried})
+        first = self.runners[0].stage
+        self.specs = {t.name: t for t in first.inputs}
+        self.specs.update({c: layout.spec(c) for c in first.carried})
+        self.keep = set(layout.keep_after[self.stages[-1]])
+        self.produced = [t for r in self.runners for t in r.stage.computed if t.name in self.keep]
+        """What this step adds to the batch: the values its stages compute that are needed after them."""
 
     def _run(self, payload: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.runner(payload)
-        return {name: out[name] for name in self.runner.output_names}
+        """The step's stages back to back; an exception says which stage raised (``StageFailed``)."""
+        values = dict(payload)
+        for index, runner in zip(self.stages, self.runners):
+            try:
+                out = runner(values)
+            except Exception as exc:
+                raise StageFailed(index, exc) from exc
+            values.update({name: out[name] for name in runner.output_names})
+        return {t.name: values[t.name] for t in self.produced}
 
     def _run_rows(
         self, payload: Mapping[str, np.ndarray], rows: np.ndarray, reasons: list[str | None]
@@ -191,14 +218,15 @@ class StageStep:
         rejected (their outputs stay zeros)."""
         try:
             return self._run({k: v[rows] for k, v in payload.items()})
-        except Exception as exc:
+        except StageFailed as failed:
             if len(rows) == 1:
-                reasons[int(rows[0])] = f"stage {self.index}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                exc = failed.error
+                reasons[int(rows[0])] = f"stage {failed.stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 return {}
             mid = len(rows) // 2
             parts = [self._run_rows(payload, part, reasons) for part in (rows[:mid], rows[mid:])]
             merged: dict[str, np.ndarray] = {}
-            for t in self.runner.stage.computed:
+            for t in self.produced:
                 got = [p[t.name] if p else None for p in parts]
                 shapes = [(len(part), *t.shape[1:]) for part in (rows[:mid], rows[mid:])]
                 blocks = [g if g is not None else np.zeros(s, t.np_dtype) for g, s in zip(got, shapes)]
@@ -215,31 +243,29 @@ class StageStep:
         if ok.all():
             try:
                 computed = self._run(payload)
-            except Exception:
+            except StageFailed:
                 computed = self._run_rows(payload, np.arange(n), reasons)
         elif ok.any():
             rows = np.flatnonzero(ok)
             got = self._run_rows(payload, rows, reasons)
-            for t in self.runner.stage.computed:
+            for t in self.produced:
                 full = np.zeros((n, *t.shape[1:]), t.np_dtype)
                 if got:
                     full[rows] = got[t.name]
                 computed[t.name] = full
-        for t in self.runner.stage.computed:
+        for t in self.produced:
             computed.setdefault(t.name, np.zeros((n, *t.shape[1:]), t.np_dtype))
-        keep = set(self.layout.keep_after[self.index])
-        drop = [c for c in batch.column_names if c.startswith(VALUE) and c[len(VALUE) :] not in keep]
+        drop = [c for c in batch.column_names if c.startswith(VALUE) and c[len(VALUE) :] not in self.keep]
         batch = batch.drop_columns(drop)
         batch = batch.set_column(batch.schema.get_field_index(REASON), REASON, _reasons_array(reasons))
         for name, arr in computed.items():
-            if name in keep:
-                batch = batch.append_column(VALUE + name, flat_array(arr))
+            batch = batch.append_column(VALUE + name, flat_array(arr))
         if self.final:
             batch = self._finish(batch, reasons)
         busy = (time.perf_counter() - start) / max(n, 1)
-        if self.index == 0:
+        if self.stages[0] == 0:
             batch = batch.append_column(STARTED, pa.array(np.full(n, time.time() - (time.perf_counter() - start))))
-        return batch.append_column(BUSY + str(self.index), pa.array(np.full(n, busy)))
+        return batch.append_column(BUSY + self.key, pa.array(np.full(n, busy)))
 
     def _finish(self, batch: pa.Table, reasons: list[str | None]) -> pa.Table:
         """Model outputs under their names (null for rejected rows); the activations go."""

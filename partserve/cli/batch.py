@@ -81,6 +81,11 @@ def _progress(total: int) -> Iterator[Callable[[int, int], None]]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Rows per batch.")
 @click.option("--gpus", is_flag=True, help="Give each stage actor the plan's GPU share.")
 @click.option("--cpus", type=click.FloatRange(min=0.01), help="CPUs the job may use (default: the cluster's).")
+@click.option(
+    "--pool-per-stage",
+    is_flag=True,
+    help="One actor pool per stage even on fewer CPUs than stages (default: consecutive stages share an actor then).",
+)
 @click.option("--address", help="Ray cluster to run on (default: a new local Ray).")
 @click.option("--strict", is_flag=True, help=f"Exit with code {STRICT_EXIT} when any row was rejected.")
 @json_option
@@ -94,13 +99,15 @@ def batch(
     batch_size: int,
     gpus: bool,
     cpus: float | None,
+    pool_per_stage: bool,
     address: str | None,
     strict: bool,
     as_json: bool,
 ) -> None:
     """Run the stages of PLAN_DIR over the Parquet rows at --input and write the outputs to --output.
 
-    One actor pool per stage (sized from the plan's stage times), one output file per input file, written
+    One actor pool per stage (sized from the plan's stage times; on a cluster with fewer CPUs than stages,
+    consecutive stages share an actor unless --pool-per-stage), one output file per input file, written
     under a temporary name and renamed when complete; rows that do not fit the model go to
     OUTPUT/_rejected/ with the reason. Run again after a stop: inputs with complete outputs are skipped.
     """
@@ -121,6 +128,7 @@ def batch(
         batch_size=batch_size,
         gpus=gpus,
         cpus=cpus,
+        share_actors=not pool_per_stage,
     )
     if not any(f.rows for f in job.files):  # e.g. a restart after the last file was done: no Ray needed
         report = run_job(job, output_uri)

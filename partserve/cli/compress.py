@@ -39,9 +39,7 @@ def _ratio(text: str | None) -> float | dict[str, float] | None:
     "--prune-ratio", help="Fraction of output channels to remove: 0.25 for every prunable layer, or conv1=0.5,fc1=0.25."
 )
 @click.option("--keep", help="Output channels to keep per layer, e.g. conv1=12,fc1=96.")
-@click.option(
-    "--importance", type=click.Choice(METHODS), default="taylor", show_default=True
-)
+@click.option("--importance", type=click.Choice(METHODS), default="taylor", show_default=True)
 @click.option(
     "--steps", type=click.IntRange(min=1), default=1, show_default=True, help="Pruning steps towards the target."
 )

@@ -1,6 +1,7 @@
 """``partserve batch`` on a local Ray (2 CPUs): outputs equal the whole model's, bad rows go to ``_rejected``, a
-killed job restarts without redoing complete files, ``--json`` prints only JSON, ``partserve.batch`` returns a
-Ray Dataset. The throughput figure is measured by benchmarks/batch.py, not here."""
+killed job restarts without redoing complete files, ``--json`` prints only JSON, consecutive stages share an
+actor where the CPUs are fewer than the stages, ``partserve.batch`` returns a Ray Dataset. The throughput
+figure is measured by benchmarks/batch.py, not here."""
 
 from __future__ import annotations
 
@@ -97,8 +98,9 @@ def test_killed_job_restarts_without_redoing_files(address: str, model: PlannedM
     report = json.loads(r.stdout)  # stdout holds the JSON report and nothing else
     assert report["skipped_files"] == len(done) and report["files"] == 5 - len(done)
     assert report["rows"] == 200 * (4 - len(done)) + 100 and report["rejected"] == 3
-    assert report["bottleneck"] in {"stage-0", "stage-1", "stage-2"}
-    assert [s["step"] for s in report["steps"]] == ["read", "stage-0", "stage-1", "stage-2"]
+    steps = [s["step"] for s in report["steps"]]  # 3 stages on 2 CPUs: two pools, one of them runs two stages
+    assert steps in (["read", "stages-0-1", "stage-2"], ["read", "stage-0", "stages-1-2"])
+    assert report["bottleneck"] in steps[1:] and [s["num_cpus"] for s in report["steps"][1:]] == [0.875, 0.875]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name in done} == done
     ids, got = outputs(out)
     assert sorted(ids.tolist()) == list(range(800)) + [10_000 + i for i in range(100) if i not in BAD]

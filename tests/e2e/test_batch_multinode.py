@@ -1,5 +1,6 @@
 """``partserve batch --address`` on a multi-node ``ray.cluster_utils.Cluster``: a head with no CPUs and two
-1-CPU workers, so the stage actors must spread over both workers (their CPU requests pack whole per node)."""
+1-CPU workers, so the stage actors (one pool per stage, ``--pool-per-stage``) must spread over both workers
+(their CPU requests pack whole per node)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_batch_on_a_multi_node_cluster(address: str, planned: Planner, tmp_path:
     tokens = write_inputs(model, tmp_path / "in", files=2, rows=60)
     cmd = [sys.executable, "-m", "partserve", "batch", model.uri, "--input", str(tmp_path / "in"),
            "--output", str(tmp_path / "out"), "--map", "toks=tokens", "--batch-size", "16", "--address", address,
-           "--json"]  # fmt: skip
+           "--json", "--pool-per-stage"]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
