@@ -245,6 +245,8 @@ def main() -> None:
         "job_rows_per_s": r["rows_per_s"],
         "job_streaming_rows_per_s": r["streaming_rows_per_s"],
         "job_vs_bound": r["rows_per_s"] / bound,
+        "job_vs_bound_before": r["rows_per_s"] / before,
+        "job_vs_bound_mean": r["rows_per_s"] / ((bound + before) / 2),
         "streaming_vs_bound": r["streaming_rows_per_s"] / bound,
         "max_rel_error": rel,
         "each_row_once": once,
@@ -257,8 +259,10 @@ def main() -> None:
     print(f"torch bound (whole model, {os.cpu_count()} threads): {bound:,.1f} rows/s over all rows after the "
           f"job; {before:,.1f} rows/s over 30 s before it")  # fmt: skip
     print(f"partserve batch: {r['rows_per_s']:,.1f} rows/s over {r['seconds']:.1f} s "
-          f"({results['job_vs_bound']:.2f}x the bound); {r['streaming_rows_per_s']:,.1f} rows/s from the first "
-          f"batch on ({results['streaming_vs_bound']:.2f}x); {job['wall_s']:.1f} s with Ray's start")  # fmt: skip
+          f"({results['job_vs_bound']:.2f}x the bound after, {results['job_vs_bound_before']:.2f}x the bound before, "
+          f"{results['job_vs_bound_mean']:.2f}x their mean); {r['streaming_rows_per_s']:,.1f} rows/s from the "
+          f"first batch on ({results['streaming_vs_bound']:.2f}x the bound after); {job['wall_s']:.1f} s with Ray's "
+          "start")  # fmt: skip
     for s in r["steps"]:
         print(f"  {s['step']:<10} actors {s['actors'] or 'tasks'}, {s['num_cpus']:.3g} CPUs each: busy "
               f"{s['busy_s']:.1f} s, {s['rows_per_s']:,.0f} rows/s it can do, {s['utilisation']:.0%} busy")  # fmt: skip
