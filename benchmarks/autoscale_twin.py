@@ -3,6 +3,7 @@ Serve's default policy, and the simulator on the same parameters, side by side. 
 
     PYTHONPATH=. python3 benchmarks/autoscale_twin.py --out twin.json --plot twin.png     # 4 x 300 s live
     PYTHONPATH=. python3 benchmarks/autoscale_twin.py --workloads step --policies coordinated --duration-s 120
+    PYTHONPATH=. python3 benchmarks/autoscale_twin.py --resimulate twin.json --routing shared   # simulator only
 
 The model: three ``Sleep`` blocks planned into three stages; a stage's batch time is spent sleeping (as a GPU
 kernel's would be spent waiting), one batch at a time per replica, so the benchmark does not load the machine's
@@ -388,8 +389,10 @@ def run_sim(
     startup_s: float,
     service_ms: list[float | None] | None = None,
     transit_ms: float = 0.0,
+    routing: str = "replicas",
 ) -> Any:
-    """The simulator on the twin's parameters: the same stages, arrivals, delays and Serve metrics, with the
+    """The simulator on the twin's parameters: the same stages, arrivals, delays, Serve metrics and routing
+    (``routing``; each stage replica holding up to the application's ``max_ongoing_requests``), with the
     run's measured start-up, replica time per request (``service_ms``; the sleep where None) and time in
     transit (``transit_ms``: what a request spends outside the stages' replicas, added to its latency)."""
     from cluster.policy import PolicyConfig, StageSpec
@@ -418,7 +421,11 @@ def run_sim(
     controller: Any = (
         Coordinated(config, metrics) if policy == "coordinated" else RayDefault(config.stages, ray, metrics)
     )
-    result = simulate(models, times_s, controller, duration_s, SimConfig(startup_s=startup_s, drain_s=120.0))
+    from serve_app.app import AppArgs
+
+    args = AppArgs(plan_uri="-", **app_args(setup))
+    sim = SimConfig(startup_s=startup_s, drain_s=120.0, max_ongoing=args.max_ongoing_requests or 64, routing=routing)
+    result = simulate(models, times_s, controller, duration_s, sim)
     result.finish_s = result.finish_s + transit_ms / 1e3
     return result
 
@@ -498,17 +505,41 @@ def compare(
         finally:
             local.stop()
     waits = [w for t in timelines.values() if (w := t.startup_s()) is not None]
-    report["setup"]["startup_s_measured"] = statistics.median(waits) if waits else 10.0
-    for key, run in report["runs"].items():
-        kind, policy = key.split("/")
-        times = arrivals(workload_of(kind, setup, change_s), duration_s, seed)
+    report["setup"].update(
+        startup_s_measured=statistics.median(waits) if waits else 10.0,
+        duration_s=duration_s,
+        change_s=change_s,
+        seed=seed,
+    )
+    for run in report["runs"].values():
         live = run["live"]
         startup_s = live["startup_s"] or report["setup"]["startup_s_measured"]  # each run's own machine
         service = [m if m is not None else ms for m, ms in zip(live["timeline"]["service_ms"], setup.request_ms)]
-        transit = transit_ms(live["latency_ms"], service)
-        run["sim_parameters"] = {"startup_s": startup_s, "service_ms": service, "transit_ms": transit}
-        result = run_sim(specs, setup, policy, times, duration_s, startup_s, service, transit)
-        run["sim"] = figures(result, setup, change_s if kind == "step" else None)
+        run["sim_parameters"] = {
+            "startup_s": startup_s,
+            "service_ms": service,
+            "transit_ms": transit_ms(live["latency_ms"], service),
+        }
+    return simulate_runs(report, setup, progress=progress)
+
+
+def simulate_runs(
+    report: dict[str, Any], setup: TwinSetup, routing: str = "replicas", progress: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """The simulator on every live run of ``report`` with that run's ``sim_parameters`` (its measured
+    start-up, replica time per request and transit), under ``routing``; adds ``sim`` and ``sim_vs_live``."""
+    from cluster.sim.workloads import arrivals
+
+    duration_s, change_s, seed = (report["setup"][k] for k in ("duration_s", "change_s", "seed"))
+    specs = report["setup"]["stage_specs"]
+    for key, run in report["runs"].items():
+        kind, policy = key.split("/")
+        times = arrivals(workload_of(kind, setup, change_s), duration_s, seed)
+        par = run["sim_parameters"]
+        result = run_sim(
+            specs, setup, policy, times, duration_s, par["startup_s"], par["service_ms"], par["transit_ms"], routing
+        )
+        run["sim"] = {**figures(result, setup, change_s if kind == "step" else None), "routing": routing}
         run["sim_vs_live"] = {
             k: _relative(run["sim"][k], run["live"][k]) for k in ("recovery_s", "replica_seconds", "slo_attainment")
         }
@@ -526,7 +557,7 @@ def _relative(sim: float | None, live: float | None) -> float | None:
 def _line(s: dict[str, Any]) -> str:
     return (
         f"p99 {s['p99_ms']:.0f} ms, SLO {100 * s['slo_attainment']:.1f}%, replica-s {s['replica_seconds']:.0f}, "
-        f"recovery {s['recovery_s']} s, unfinished {s['unfinished']}"
+        f"recovery {s['recovery_s']} s, unfinished {s.get('unfinished', '-')}"
     )
 
 
@@ -547,7 +578,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 continue
             policy = key.split("/")[1]
             for source, style in (("live", "-"), ("sim", "--")):
-                if source not in run:
+                if "replicas_over_time" not in run.get(source, {}):  # a report of figures only
                     continue
                 rows = [(t, sum(r)) for t, r in run[source]["replicas_over_time"] if r is not None]
                 top.step(*zip(*rows), where="post", color=colours[policy], linestyle=style, label=f"{policy} {source}")
@@ -580,6 +611,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON report.")
     parser.add_argument("--plot", type=Path, help="PNG: replicas and p99 over time, live and simulated.")
+    parser.add_argument(
+        "--resimulate",
+        type=Path,
+        help="JSON report of earlier live runs: run only the simulator on their measured parameters.",
+    )
+    parser.add_argument("--routing", default="replicas", help="The simulator's routing: replicas or shared.")
     a = parser.parse_args()
     setup = replace(
         TwinSetup(),
@@ -588,9 +625,17 @@ def main() -> None:
         downscale_delay_s=a.downscale_delay_s,
         slo_ms=a.slo_ms,
     )
-    report = compare(
-        setup, a.workloads.split(","), a.policies.split(","), a.duration_s, a.change_s, a.seed, checkpoint=a.out
-    )
+    if a.resimulate is not None:
+        report = json.loads(a.resimulate.read_text())
+        fields = {k: v for k, v in report["setup"].items() if k in TwinSetup.__dataclass_fields__}
+        setup = TwinSetup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        report = simulate_runs(report, setup, a.routing)
+    else:
+        report = compare(
+            setup, a.workloads.split(","), a.policies.split(","), a.duration_s, a.change_s, a.seed, checkpoint=a.out
+        )
+        if a.routing != "replicas":
+            report = simulate_runs(report, setup, a.routing)
     if a.out is not None:
         a.out.write_text(json.dumps(report, indent=1))
     if a.plot is not None:

@@ -1,15 +1,18 @@
 """Discrete-event simulation of an S-stage pipeline served by autoscaled replicas.
 
-Each stage has a FIFO queue and identical replicas; a free replica takes up to ``max_batch_size`` queued
-requests and holds them for ``fixed_ms + per_sample_ms * n`` (times Gamma noise with ``service_cv``), then hands
-the batch to the next stage's queue. A new replica serves after ``startup_s``; a removed busy replica finishes
-its batch first. Every ``tick_s`` a controller gets a :class:`~cluster.sim.metrics.Snapshot` (the exact state;
-what a policy may see of it is the controller's metrics model, :mod:`cluster.sim.metrics`) and sets each
-stage's replicas; replicas beyond the GPU budget wait until GPUs free up, as in a Ray cluster.
+Each stage has identical replicas. A request (an arrival at the first stage; a batch handed on from the stage
+before at the others) goes as Serve routes it (``SimConfig.routing``, default ``replicas``): to the less loaded
+of two replicas drawn at random, into that replica's own queue, and waits at the caller while every replica
+holds ``max_ongoing`` requests; a replica that starts gets only requests that arrive (or wait at the caller)
+after it is ready, while the others work off their own queues. With ``shared`` routing a stage has one FIFO
+queue that every free replica takes from. A free replica takes up to ``max_batch_size`` queued samples and
+holds them for ``fixed_ms + per_sample_ms * n`` (times Gamma noise with ``service_cv``), then hands the batch
+on. A new replica serves after ``startup_s``; a stopped replica finishes what it holds first. Every
+``tick_s`` a controller gets a :class:`~cluster.sim.metrics.Snapshot` (the exact state; what a policy may see
+of it is the controller's metrics model, :mod:`cluster.sim.metrics`) and sets each stage's replicas; replicas
+beyond the GPU budget wait until GPUs free up, as in a Ray cluster.
 
-Replicas are counted, not modelled one by one, arrivals that find every entrance replica busy are queued in
-one slice, and latencies are written per batch with numpy: thousands of replicas and a million requests take
-seconds.
+Latencies are written per batch with numpy: hundreds of replicas and a million requests take seconds.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from cluster.errors import check
 from cluster.sim.metrics import Snapshot, StageSnapshot
 
 _DONE, _READY = 0, 1
+ROUTINGS = ("replicas", "shared")
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,12 @@ class SimConfig:
     """After the last arrival, time allowed for the backlog to finish; later requests count as unfinished."""
     seed: int = 0
     max_ongoing: int = 0
-    """Requests a replica accepts before the caller's handle queues them (Serve's ``max_ongoing_requests``, as
-    metrics see it); 0: no limit."""
+    """Requests a replica accepts before the caller's handle queues them (Serve's ``max_ongoing_requests``);
+    0: no limit."""
+    routing: str = "replicas"
+    """``replicas``: Serve's routing, each replica with its own queue, a request sent to the less loaded of two
+    replicas drawn at random (power of two choices) and held at the caller while every replica has
+    ``max_ongoing`` requests; ``shared``: one queue per stage that every free replica takes from."""
 
 
 class Controller(Protocol):
@@ -130,49 +138,75 @@ class SimResult:
         return (self.finish_s - self.arrivals_s) * 1000.0
 
 
-class _Stage:
-    """Mutable per-stage bookkeeping."""
+class _Queue:
+    """Request ids waiting, in arrival order, as chunks (a batch handed on from the stage before is one)."""
 
-    def __init__(self, model: StageModel, replicas: int) -> None:
-        self.model = model
-        self.queue: deque[np.ndarray] = deque()
-        self.head = self.queued = self.running = 0
-        self.idle, self.busy, self.starting, self.draining, self.cancelled = replicas, 0, 0, 0, 0
-        self.target = replicas
-        self.completed, self.busy_s, self.full_ms, self.full_batches = 0, 0.0, 0.0, 0
+    def __init__(self) -> None:
+        self.chunks: deque[np.ndarray] = deque()
+        self.head = self.count = 0
 
-    @property
-    def alive(self) -> int:
-        return self.idle + self.busy + self.starting
+    def put(self, ids: np.ndarray) -> None:
+        self.chunks.append(ids)
+        self.count += len(ids)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
-        while n and self.queue:
-            chunk, h = self.queue[0], self.head
+        while n and self.chunks:
+            chunk, h = self.chunks[0], self.head
             if len(chunk) - h <= n:
                 parts.append(chunk[h:])
                 n -= len(chunk) - h
-                self.queue.popleft()
+                self.chunks.popleft()
                 self.head = 0
             else:
                 parts.append(chunk[h : h + n])
                 self.head, n = h + n, 0
         ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self.queued -= len(ids)
+        self.count -= len(ids)
         return ids
 
+
+class _Replica:
+    def __init__(self, queue: _Queue, ready: bool) -> None:
+        self.queue = queue
+        """Its own queue (Serve's routing), or the stage's, shared by every replica."""
+        self.ready, self.busy, self.draining, self.running = ready, False, False, 0
+
+
+class _Stage:
+    """Mutable per-stage bookkeeping: the replicas, the stage's queue (shared routing) or the requests waiting
+    at the caller's handle for a replica below ``max_ongoing`` (Serve's routing), counters for snapshots."""
+
+    def __init__(self, model: StageModel, replicas: int, shared: bool) -> None:
+        self.model = model
+        self.shared = shared
+        self.pending = _Queue()
+        self.replicas = [_Replica(self.pending if shared else _Queue(), True) for _ in range(replicas)]
+        self.target = replicas
+        self.completed, self.busy_s, self.full_ms, self.full_batches = 0, 0.0, 0.0, 0
+
+    @property
+    def alive(self) -> int:
+        return len(self.replicas)
+
+    @property
+    def draining(self) -> int:
+        return sum(r.draining for r in self.replicas)
+
     def snapshot(self, max_ongoing: int) -> StageSnapshot:
+        queued = self.pending.count + (0 if self.shared else sum(r.queue.count for r in self.replicas))
+        serving = [r for r in self.replicas if not r.draining]
         return StageSnapshot(
-            queued=self.queued,
-            running=self.running,
-            target=self.alive - self.draining,
-            ready=self.idle + self.busy - self.draining,
+            queued=queued,
+            running=sum(r.running for r in self.replicas),
+            target=len(serving),
+            ready=sum(r.ready for r in serving),
             completed=self.completed,
             busy_s=self.busy_s,
             full_ms=self.full_ms,
             full_batches=self.full_batches,
             max_ongoing=max_ongoing,
-            busy=self.busy,
+            busy=sum(r.busy for r in self.replicas),
             batch_size=self.model.max_batch_size,
         )
 
@@ -188,54 +222,100 @@ def simulate(
     """Run the pipeline on ``arrivals_s`` (sorted, seconds) under ``controller`` for ``duration_s``."""
     check(len(stages) >= 1, "the simulated pipeline needs at least 1 stage (got 0)")
     check(config.tick_s > 0, f"tick_s ({config.tick_s}) must be > 0")
+    check(config.routing in ROUTINGS, f"routing {config.routing!r} is not one of {ROUTINGS}")
     rng = np.random.default_rng((config.seed, 1))  # a stream apart from the arrivals drawn with the same seed
     noise = rng.gamma(1 / config.service_cv**2, config.service_cv**2, 1 << 16) if config.service_cv > 0 else np.ones(1)
-    st = [_Stage(m, m.min_replicas if m.initial_replicas is None else m.initial_replicas) for m in stages]
+    picks = np.random.default_rng((config.seed, 2)).random(1 << 16)
+    shared = config.routing == "shared"
+    st = [_Stage(m, m.min_replicas if m.initial_replicas is None else m.initial_replicas, shared) for m in stages]
     finish = np.full(len(arrivals_s), np.inf)
     events: list[tuple] = []
-    seq = 0
+    seq = pick = 0
     cost, gpu_cost, cost_t = 0.0, 0.0, 0.0
     n_alive, n_gpu = sum(s.alive for s in st), sum(s.alive * s.model.gpu_fraction for s in st)
     actions = 0
     ticks, replica_rows = [], []
     budget = math.inf if config.gpu_budget is None else config.gpu_budget
+    cap = config.max_ongoing or math.inf
 
-    def dispatch(i: int, t: float) -> None:
+    def start_batch(i: int, r: _Replica, t: float) -> None:
         nonlocal seq
+        ids = r.queue.take(st[i].model.max_batch_size)
+        r.busy = True
+        r.running = len(ids)
+        dur = st[i].model.batch_ms(len(ids)) * noise[seq % len(noise)] / 1000.0
+        seq += 1
+        heapq.heappush(events, (t + dur, seq, _DONE, i, (r, ids), dur))
+
+    def choose(s: _Stage) -> _Replica | None:
+        """Serve's power of two choices: of two different replicas drawn at random among those serving and
+        under ``max_ongoing``, the one with fewer requests; None when there is none."""
+        nonlocal pick
+        open_ = [r for r in s.replicas if r.ready and not r.draining and r.queue.count + r.running < cap]
+        if len(open_) <= 1:
+            return open_[0] if open_ else None
+        first = int(picks[pick % len(picks)] * len(open_))
+        second = int(picks[(pick + 1) % len(picks)] * (len(open_) - 1))  # two different replicas, as Serve draws
+        pick += 2
+        a, b = open_[first], open_[second + (second >= first)]
+        return a if a.queue.count + a.running <= b.queue.count + b.running else b
+
+    def route(i: int, t: float) -> None:
+        """Hand the stage's waiting requests to replicas and start every idle replica that has work."""
         s = st[i]
-        while s.idle and s.queued:
-            ids = s.take(s.model.max_batch_size)
-            s.idle -= 1
-            s.busy += 1
-            s.running += len(ids)
-            dur = s.model.batch_ms(len(ids)) * noise[seq % len(noise)] / 1000.0
-            seq += 1
-            heapq.heappush(events, (t + dur, seq, _DONE, i, ids, dur))
+        if not shared:
+            while s.pending.count:
+                r = choose(s)
+                if r is None:
+                    break
+                r.queue.put(s.pending.take(len(s.pending.chunks[0]) - s.pending.head))
+        for r in s.replicas:  # a stopped replica works off its own queue (Serve), not the shared one
+            if r.ready and not r.busy and r.queue.count and not (r.draining and shared):
+                start_batch(i, r, t)
+
+    def arrive(i: int, ids: np.ndarray, t: float) -> None:
+        """A request (ids) arrives at stage i: to a replica's own queue, else to the handle's (Serve), or to
+        the stage's queue (shared)."""
+        s = st[i]
+        r = None if shared else choose(s)
+        if r is None:
+            s.pending.put(ids)
+            if shared:
+                route(i, t)
+        else:
+            r.queue.put(ids)
+            if not r.busy:
+                start_batch(i, r, t)
 
     def reconcile(i: int, t: float) -> None:
-        """Move stage i towards its target: undrain, start (GPU budget permitting) or stop replicas."""
+        """Move stage i towards its target: undrain, start (GPU budget permitting) or stop replicas. Stopped
+        first: replicas still starting, then those with the fewest requests; a stopped replica with requests
+        finishes them (Serve's graceful shutdown; on a shared queue, its running batch) and then goes."""
         nonlocal seq, n_alive, n_gpu
         s, gpu = st[i], stages[i].gpu_fraction
-        have = s.alive - s.draining
-        if s.target > have:
-            undrain = min(s.draining, s.target - have)
-            s.draining -= undrain
+        serving = [r for r in s.replicas if not r.draining]
+        if s.target > len(serving):
+            for r in [r for r in s.replicas if r.draining][: s.target - len(serving)]:
+                r.draining = False
+            have = sum(not r.draining for r in s.replicas)
             free = budget - sum(x.alive * x.model.gpu_fraction for x in st)
-            add = s.target - have - undrain
+            add = s.target - have
             if gpu > 0 and free < math.inf:
                 add = min(add, int(free / gpu + 1e-9))
             for _ in range(max(0, add)):
+                r = _Replica(s.pending if shared else _Queue(), False)
+                s.replicas.append(r)
                 seq += 1
-                heapq.heappush(events, (t + config.startup_s, seq, _READY, i, None, 0.0))
-            s.starting += max(0, add)
-        elif s.target < have:
-            remove = have - s.target
-            for attr in ("starting", "idle"):
-                k = min(getattr(s, attr), remove)
-                setattr(s, attr, getattr(s, attr) - k)
-                s.cancelled += k if attr == "starting" else 0
-                remove -= k
-            s.draining += remove
+                heapq.heappush(events, (t + config.startup_s, seq, _READY, i, r, 0.0))
+            route(i, t)
+        elif s.target < len(serving):
+            order = sorted(serving, key=lambda r: (r.ready, r.running + (0 if shared else r.queue.count)))
+            for r in order[: len(serving) - s.target]:
+                r.draining = True
+                if not r.busy and (shared or not r.queue.count):
+                    s.replicas.remove(r)
+            if not shared:  # their requests not yet started stay with them; new ones go elsewhere
+                route(i, t)
         n_alive = sum(x.alive for x in st)
         n_gpu = sum(x.alive * x.model.gpu_fraction for x in st)
 
@@ -264,45 +344,37 @@ def simulate(
                 s.target = target
                 reconcile(i, t)
             ticks.append(t)
-            replica_rows.append([s.alive - s.draining for s in st])
+            replica_rows.append([sum(not r.draining for r in s.replicas) for s in st])
             next_tick = t + config.tick_s
             if progress is not None:
                 progress(t)
         elif t_arr <= t_ev:
-            upto = ai + 1 if st[0].idle else max(ai + 1, int(np.searchsorted(arrivals_s, min(t_ev, t_tick))))
-            st[0].queue.append(np.arange(ai, upto))
-            st[0].queued += upto - ai
-            ai = upto
-            dispatch(0, t)
+            arrive(0, np.arange(ai, ai + 1), t)
+            ai += 1
         else:
-            _, _, kind, i, ids, dur = heapq.heappop(events)
+            _, _, kind, i, what, dur = heapq.heappop(events)
             s = st[i]
             if kind == _READY:
-                if s.cancelled:
-                    s.cancelled -= 1
-                    continue
-                s.starting -= 1
+                if what in s.replicas:  # not stopped while it started
+                    what.ready = True
+                    route(i, t)
+                continue
+            r, ids = what
+            r.busy, r.running = False, 0
+            s.completed += len(ids)
+            s.busy_s += dur
+            if len(ids) == s.model.max_batch_size:
+                s.full_ms += dur * 1000.0
+                s.full_batches += 1
+            if i + 1 < len(st):
+                arrive(i + 1, ids, t)
             else:
-                s.busy -= 1
-                s.running -= len(ids)
-                s.completed += len(ids)
-                s.busy_s += dur
-                if len(ids) == s.model.max_batch_size:
-                    s.full_ms += dur * 1000.0
-                    s.full_batches += 1
-                if i + 1 < len(st):
-                    st[i + 1].queue.append(ids)
-                    st[i + 1].queued += len(ids)
-                    dispatch(i + 1, t)
-                else:
-                    finish[ids] = t
-                if s.draining:
-                    s.draining -= 1
-                    n_alive -= 1
-                    n_gpu -= s.model.gpu_fraction
-                    continue
-            s.idle += 1
-            dispatch(i, t)
+                finish[ids] = t
+            if r.draining and (shared or not r.queue.count):
+                s.replicas.remove(r)
+                n_alive -= 1
+                n_gpu -= s.model.gpu_fraction
+            route(i, t)
     account(duration_s)
     return SimResult(
         arrivals_s=arrivals_s,

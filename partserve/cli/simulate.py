@@ -13,7 +13,7 @@ import click
 
 from cluster.errors import ScalingConfigError, check
 from cluster.policy import PolicyConfig
-from cluster.sim.engine import SimConfig, StageModel, with_initial_replicas
+from cluster.sim.engine import ROUTINGS, SimConfig, StageModel, with_initial_replicas
 from cluster.sim.engine import simulate as run_pipeline
 from cluster.sim.metrics import ServeMetricsConfig, metrics_model
 from cluster.sim.policies import Coordinated, RayDefault, RayDefaultConfig, policy_stages, whole_model
@@ -144,6 +144,13 @@ def _row(name: str, s: dict[str, Any]) -> list[Any]:
     show_default=True,
     help="What every policy sees: Ray Serve's metrics path, or the exact state at each tick (an upper bound).",
 )
+@click.option(
+    "--routing",
+    type=click.Choice(list(ROUTINGS)),
+    default="replicas",
+    show_default=True,
+    help="replicas: Serve's (a queue per replica, power of two choices); shared: one queue per stage.",
+)
 @click.option("--metrics-interval-s", type=float, default=10.0, show_default=True, help="Serve: push interval.")
 @click.option("--look-back-period-s", type=float, default=30.0, show_default=True, help="Serve: look-back window.")
 @click.option(
@@ -228,7 +235,12 @@ def simulate(**o: Any) -> None:
     if not o["compare"]:
         runs = [(c, m) for c, m in runs if c.name == o["policy"]]
     sim = SimConfig(
-        tick_s=1.0, startup_s=o["startup_s"], service_cv=o["service_cv"], gpu_budget=o["gpu_budget"], seed=o["seed"]
+        tick_s=1.0,
+        startup_s=o["startup_s"],
+        service_cv=o["service_cv"],
+        gpu_budget=o["gpu_budget"],
+        seed=o["seed"],
+        routing=o["routing"],
     )
     times = arrivals(workload, o["duration_s"], o["seed"])
     step_s = o["change_s"] if o["workload"] == "step" else None
@@ -248,7 +260,13 @@ def simulate(**o: Any) -> None:
             report[c.name] = {**summarize(result, o["slo_ms"], step_s), **c.describe()}
     if o["plot_path"] is not None:
         plot(results, o["slo_ms"], o["plot_path"])
-    header = {"capacity_rate_per_s": capacity, "requests": len(times), "slo_ms": o["slo_ms"], "step_s": step_s}
+    header = {
+        "capacity_rate_per_s": capacity,
+        "requests": len(times),
+        "slo_ms": o["slo_ms"],
+        "step_s": step_s,
+        "routing": o["routing"],
+    }
     if o["as_json"]:
         emit_json({**header, "policies": report})
         return
@@ -265,7 +283,7 @@ def simulate(**o: Any) -> None:
     ]
     title = (
         f"{len(stages)} stages, {o['workload']} workload, {len(times)} requests, capacity "
-        f"{capacity:.0f}/s, SLO {o['slo_ms']:g} ms"
+        f"{capacity:.0f}/s, SLO {o['slo_ms']:g} ms, {o['routing']} routing"
     )
     console.print(table(title, columns, [_row(name, {**s, "step_s": step_s}) for name, s in report.items()]))
     for name, s in report.items():

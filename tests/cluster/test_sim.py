@@ -52,10 +52,47 @@ def test_mmc_mean_latency_and_littles_law() -> None:
     stage = StageModel("s", fixed_ms=0.0, per_sample_ms=100.0, max_batch_size=1, min_replicas=4, max_replicas=4)
     times = arrivals(Workload("bursty", rate_per_s=30.0, cv=1.0), 4000.0, seed=1)
     fixed = Fixed([4])
-    result = simulate([stage], times, fixed, 4000.0, SimConfig(service_cv=1.0, tick_s=0.5, seed=1))
+    config = SimConfig(service_cv=1.0, tick_s=0.5, seed=1, routing="shared")
+    result = simulate([stage], times, fixed, 4000.0, config)
     w_s = float(np.mean(result.latency_ms)) / 1000
     assert w_s == pytest.approx(erlang_c_wait_s(4, 30.0, 0.1), rel=0.08)  # 0.1 + 0.509 / 10 = 0.151 s
     assert np.mean(fixed.in_system) == pytest.approx(30.0 * w_s, rel=0.08)  # L = lambda W
+    # Serve's routing (a queue per replica, the less loaded of two drawn at random) lies between one shared
+    # queue and four M/M/1 queues each fed a quarter at random (W = 1 / (10 - 7.5) = 0.4 s)
+    fixed = Fixed([4])
+    routed = simulate([stage], times, fixed, 4000.0, SimConfig(service_cv=1.0, tick_s=0.5, seed=1))
+    w_routed = float(np.mean(routed.latency_ms)) / 1000
+    assert 1.2 * w_s < w_routed < 0.75 * 0.4  # measured: 0.229 s
+    assert np.mean(fixed.in_system) == pytest.approx(30.0 * w_routed, rel=0.08)
+
+
+class StepUp:
+    """One replica until ``at_s``, then two."""
+
+    name = "step-up"
+
+    def __init__(self, at_s: float) -> None:
+        self.at_s = at_s
+
+    def decide(self, snapshot: Snapshot) -> list[int]:
+        return [2 if snapshot.time_s >= self.at_s else 1]
+
+
+def test_a_new_replica_gets_only_new_requests() -> None:
+    """A backlog queued at the one replica stays there under Serve's routing (a new replica gets the requests
+    that arrive once it is ready); on a shared queue the new replica takes half of it."""
+    stage = StageModel("s", fixed_ms=0.0, per_sample_ms=100.0, max_batch_size=1, min_replicas=1, max_replicas=2)
+    times = np.concatenate([np.zeros(50), [2.5, 2.5]])  # a burst of 50 at 0 s, two more once B is ready (2 s)
+    runs = {
+        routing: simulate([stage], times, StepUp(0.5), 10.0, SimConfig(startup_s=1.0, routing=routing))
+        for routing in ("replicas", "shared")
+    }
+    routed, shared = runs["replicas"].finish_s, runs["shared"].finish_s
+    assert routed[:50].max() == pytest.approx(5.0)  # 50 x 100 ms on replica A
+    assert routed[50:].max() == pytest.approx(2.7)  # the late two go to B (idle), one after the other: 2.6, 2.7
+    # decided at the 1 s tick, B is ready at 2 s with 30 of the burst still queued; shared, each takes 15 of them
+    assert shared[:50].max() == pytest.approx(3.5)
+    assert runs["replicas"].replicas[-1].tolist() == [2]
 
 
 def test_same_seed_same_run() -> None:
