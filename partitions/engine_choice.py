@@ -4,8 +4,10 @@ A candidate engine is converted from the stage's exported program, run on the st
 batch 1 and at the plan's batch, and kept only if its outputs match eager's within :data:`TOLERANCE`. The
 passing engines and eager are then timed round-robin (one call each per round, so drift in machine load hits
 them alike). ``auto`` keeps the engine with the lowest mean time relative to eager, and only if it is faster
-than eager on average and never more than :data:`MAX_SLOWDOWN` slower at any batch; a named engine is kept
-whenever it passes. Every failure is a one-line reason in the plan, never a traceback.
+than eager on average and never more than :data:`MAX_SLOWDOWN` slower at any batch; failing that, the engine
+fastest at batch 1 for the batches where it beats eager (``up_to``: small batches, where per-op overhead
+weighs most), eager above them. A named engine is kept whenever it passes. Every failure is a one-line
+reason in the plan, never a traceback.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Choice:
     batches: list[int]
     ms: dict[str, list[float]]
     """Median ms per engine that passed (eager included), one per batch of ``batches``."""
+    up_to: int | None = None
+    """Largest batch the engine runs (eager above it); None: every batch."""
 
 
 def candidates(requested: str, device: torch.device) -> tuple[list[str], list[str]]:
@@ -112,17 +116,20 @@ def choose(
     names = list(runners)
     timed = {b: time_round_robin([partial(runners[n], inputs[b]) for n in names], repeats, warmup) for b in batches}
     ms = {n: [timed[b][i] for b in batches] for i, n in enumerate(names)}
-    name = pick(requested, ms, notes)
-    return Choice(name, artifacts.get(name), "; ".join(notes), batches, ms)
+    name, up_to = pick(requested, ms, notes, batches)
+    return Choice(name, artifacts.get(name), "; ".join(notes), batches, ms, up_to)
 
 
-def pick(requested: str, ms: dict[str, list[float]], notes: list[str]) -> str:
-    """The engine to keep from the timings ``ms`` (eager's first); appends why to ``notes``."""
+def pick(
+    requested: str, ms: dict[str, list[float]], notes: list[str], batches: Sequence[int] | None = None
+) -> tuple[str, int | None]:
+    """The engine to keep from the timings ``ms`` (eager's first, one per batch of ``batches``, ascending)
+    and the largest batch it runs (None: every batch); appends why to ``notes``."""
     ratios = {n: [t / e for t, e in zip(times, ms[EAGER])] for n, times in ms.items() if n != EAGER}
     if requested != AUTO:
         for n, r in ratios.items():
             notes.append(f"{n}: {statistics.fmean(r):.2f}x eager's time")
-        return next(iter(ratios), EAGER)
+        return next(iter(ratios), EAGER), None
     best = EAGER
     for n, r in sorted(ratios.items(), key=lambda kv: statistics.fmean(kv[1])):
         mean = statistics.fmean(r)
@@ -131,6 +138,15 @@ def pick(requested: str, ms: dict[str, list[float]], notes: list[str]) -> str:
             notes.append(f"{n} kept: {mean:.2f}x eager's time")
         else:
             notes.append(f"{n} not kept: {mean:.2f}x eager's time (worst batch {max(r):.2f}x)")
-    if best == EAGER and ratios:
-        notes.append(f"eager kept: no engine was faster on average and within {MAX_SLOWDOWN:g}x at every batch")
-    return best
+    if best != EAGER or not ratios:
+        return best, None
+    sizes = list(batches) if batches is not None else list(range(1, len(ms[EAGER]) + 1))
+    small = {n: next((k for k, x in enumerate(r) if x >= 1.0), len(r)) for n, r in ratios.items()}
+    fast = [n for n in ratios if small[n] > 0]  # faster than eager at the smallest batch, at least
+    if fast:
+        n = min(fast, key=lambda name: ratios[name][0])
+        up_to = sizes[small[n] - 1]
+        notes.append(f"{n} kept up to batch {up_to}: {ratios[n][0]:.2f}x eager's time at batch {sizes[0]}; eager above")
+        return n, up_to
+    notes.append(f"eager kept: no engine was faster on average and within {MAX_SLOWDOWN:g}x at every batch")
+    return EAGER, None

@@ -138,6 +138,15 @@ def load(engine: str, module: nn.Module | None, artifact: bytes | None, device: 
     return _torch_runner(module, device)
 
 
+def by_batch(small: Runner, large: Runner, up_to: int) -> Runner:
+    """A runner that runs batches of at most ``up_to`` samples on ``small`` and larger ones on ``large``."""
+
+    def run(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return (small if len(arrays[0]) <= up_to else large)(arrays)
+
+    return run
+
+
 def whole_model(
     module: nn.Module, args: tuple, kwargs: dict[str, torch.Tensor], device: torch.device, threads: int
 ) -> Runner:

@@ -298,7 +298,7 @@ def _stage_engine(
         storage.write_file(uri, name, choice.artifact)
         artifact = Artifact(name, ONNX_FORMAT, storage.sha256(choice.artifact), len(choice.artifact))
     target = current_target(device) if choice.name != EAGER else ""
-    return StageEngine(choice.name, artifact, target, choice.reason, choice.batches, choice.ms)
+    return StageEngine(choice.name, artifact, target, choice.reason, choice.batches, choice.ms, up_to=choice.up_to)
 
 
 def _engine_summary(stages: list[Stage], costs: list[NodeCost], gemm: float) -> dict:
@@ -314,7 +314,7 @@ def _engine_summary(stages: list[Stage], costs: list[NodeCost], gemm: float) -> 
     if timed and len(timed) == len(stages) and all(e.batches == timed[0].batches for e in timed):
         out["engine_batches"] = timed[0].batches
         out["eager_sum_ms"] = [sum(e.ms[EAGER][k] for e in timed) for k in range(len(timed[0].batches))]
-        out["engine_sum_ms"] = [sum(e.ms[e.name][k] for e in timed) for k in range(len(timed[0].batches))]
+        out["engine_sum_ms"] = [sum(e.ms_at(k) for e in timed) for k in range(len(timed[0].batches))]
     return out
 
 

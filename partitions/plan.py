@@ -100,6 +100,14 @@ class StageEngine:
     """Median ms per engine tried, one per entry of ``batches``."""
     threads: int | None = None
     """Intra-op threads the engine runs with when served (``partserve tune``); None: the replica's."""
+    up_to: int | None = None
+    """Largest batch (samples) the engine runs; larger batches run eager, which was faster there (``auto``
+    keeps an engine for small batches only when it loses at the plan's batch). None: every batch."""
+
+    def ms_at(self, k: int) -> float:
+        """The stage's time at ``batches[k]`` on what runs that batch (ms)."""
+        runs = self.name if self.up_to is None or self.batches[k] <= self.up_to else EAGER
+        return self.ms[runs][k]
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> StageEngine:
@@ -138,8 +146,7 @@ class Stage:
     def run_ms(self) -> Ms:
         """The stage's time at the plan's batch on its engine (ms): as timed when the engine was chosen, else
         ``measured_ms`` (eager)."""
-        ms = self.engine.ms.get(self.engine.name)
-        return ms[-1] if ms else self.measured_ms
+        return self.engine.ms_at(-1) if self.engine.ms.get(self.engine.name) else self.measured_ms
 
     @property
     def sends(self) -> list[str]:

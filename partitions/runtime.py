@@ -42,7 +42,8 @@ class StageRunner:
 
     ``threads``: intra-op threads of the engine (ONNX Runtime's); None: the plan's tuned figure, else torch's
     current setting. A stage whose engine cannot run here (built for another target, not installed) runs
-    eager; ``engine_note`` says why and the log has it."""
+    eager; ``engine_note`` says why and the log has it. A plan's engine kept for small batches only
+    (``StageEngine.up_to``) runs those, eager the larger ones."""
 
     def __init__(
         self,
@@ -60,13 +61,17 @@ class StageRunner:
         if self.engine_note:
             log.warning("stage %d: %s", index, self.engine_note)
         self.threads = threads or self.stage.engine.threads or torch.get_num_threads()
+        up_to = self.stage.engine.up_to if self.engine == self.stage.engine.name != EAGER else None
         self.module: nn.Module | None = None
-        if self.engine != ONNXRUNTIME:
+        if self.engine != ONNXRUNTIME or up_to is not None:
             module = decode_stage(read_shard(uri, self.stage.artifact), self.stage.artifact, self._rebuild_children)
             self.module = module.to(self.device)
         artifact = self.stage.engine.artifact
         data = read_shard(uri, artifact) if self.engine == ONNXRUNTIME and artifact else None
         self.run = engines.load(self.engine, self.module, data, self.device, self.threads)
+        if up_to is not None:  # the engine for small batches, eager for the rest
+            eager = engines.load(EAGER, self.module, None, self.device, self.threads)
+            self.run = engines.by_batch(self.run, eager, up_to)
         self.input_names = [t.name for t in self.stage.inputs]
         self.output_names = [t.name for t in self.stage.computed]
 

@@ -107,7 +107,7 @@ def plan_pools(
     reserve = [min(1.0, 0.125 * c) for c in nodes]
     free = [c - r for c, r in zip(nodes, reserve)]
     costs = [max(s.run_ms or s.cost_ms, 1e-6) for s in plan.stages]
-    runs = [(i,) for i in range(len(costs))]
+    runs: list[tuple[int, ...]] = [(i,) for i in range(len(costs))]
     if use_gpus:
         fractions = [max(s.gpu_fraction, 1e-3) for s in plan.stages]
         if gpus + 1e-9 < sum(fractions):

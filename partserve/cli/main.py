@@ -165,7 +165,7 @@ def plan(
             human_bytes(s.transfer_bytes),
             f"{s.cost_ms:.2f}",
             f"{s.measured_ms:.2f}",
-            s.engine.name,
+            s.engine.name if s.engine.up_to is None else f"{s.engine.name} <= {s.engine.up_to}, eager",
             f"{rate:.1f}",
             f"{s.gpu_fraction:.2f}",
         ]
