@@ -27,18 +27,18 @@ def plan_on(engine: str, tmp_path, model: tuple[str, dict] = MLP, stages: int = 
     return build_plan(load_model(model[0], model[1], batch_size=4), uri, opts), uri
 
 
-def test_pick_keeps_the_fastest_engine_within_five_percent_everywhere() -> None:
+def test_pick_keeps_at_each_batch_what_was_faster() -> None:
     ms = {EAGER: [10.0, 20.0], ONNXRUNTIME: [7.0, 19.0], INDUCTOR: [6.0, 22.0]}
     notes: list[str] = []
-    # onnxruntime: 0.7 and 0.95 of eager, mean 0.825; inductor: mean (0.6 + 1.1) / 2 = 0.85, 10% slower at batch 2.
+    # onnxruntime: 0.7 and 0.95 of eager, faster at both; inductor: faster at batch 1 only (0.6, then 1.1).
     assert pick(AUTO, ms, notes, [1, 2]) == (ONNXRUNTIME, None)
     assert any(n.startswith("inductor not kept") for n in notes)
     # Every engine slower: eager stays.
     assert pick(AUTO, {EAGER: [10.0], ONNXRUNTIME: [10.5]}, [], [1]) == (EAGER, None)
-    # A fast engine 6% slower at the plan's batch is kept for the batches where it is faster, eager above.
+    # An engine slower at the plan's batch (by 2% here) is kept for the batches where it is faster, eager above.
     notes = []
-    assert pick(AUTO, {EAGER: [10.0, 10.0], ONNXRUNTIME: [5.0, 10.6]}, notes, [1, 8]) == (ONNXRUNTIME, 1)
-    assert "onnxruntime kept up to batch 1: 0.50x eager's time at batch 1; eager above" in notes
+    assert pick(AUTO, {EAGER: [10.0, 10.0], ONNXRUNTIME: [5.0, 10.2]}, notes, [1, 8]) == (ONNXRUNTIME, 1)
+    assert "onnxruntime kept up to batch 1: 0.50x at 1, 1.02x at 8 eager's time; eager above" in notes
     # ... the one fastest at batch 1 of those
     ms = {EAGER: [10.0, 10.0, 10.0], ONNXRUNTIME: [6.0, 9.0, 11.0], INDUCTOR: [5.0, 12.0, 12.0]}
     assert pick(AUTO, ms, [], [1, 4, 8]) == (INDUCTOR, 1)
@@ -118,11 +118,12 @@ def test_inductor_round_trip(tmp_path) -> None:
 
 @pytest.mark.slow  # times each stage on every engine, inductor's compiles included
 def test_auto_keeps_an_engine_per_stage_never_slower_than_eager(tmp_path) -> None:
+    """At every timed batch, what runs a stage under ``auto`` was at least as fast as eager."""
     plan, uri = plan_on(AUTO, tmp_path)
     for stage in plan.stages:
         ms = stage.engine.ms
         assert stage.engine.name in ms and EAGER in ms
-        assert all(stage.engine.ms_at(k) <= 1.05 * e for k, e in enumerate(ms[EAGER]))  # what runs each batch
+        assert all(stage.engine.ms_at(k) <= e for k, e in enumerate(ms[EAGER]))  # what runs each batch
     assert verify(uri).passed
 
 
