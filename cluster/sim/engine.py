@@ -189,10 +189,6 @@ class _Stage:
     def alive(self) -> int:
         return len(self.replicas)
 
-    @property
-    def draining(self) -> int:
-        return sum(r.draining for r in self.replicas)
-
     def snapshot(self, max_ongoing: int) -> StageSnapshot:
         queued = self.pending.count + (0 if self.shared else sum(r.queue.count for r in self.replicas))
         serving = [r for r in self.replicas if not r.draining]
