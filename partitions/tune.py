@@ -5,7 +5,11 @@ the batch the stage receives when the pipeline runs that batch size, for a fixed
 stage would take every core; together they compete for them, as served. Threads start at what serving runs
 now (:func:`current_threads`) and grow one at a time on the slowest stage while their sum stays within the
 cores and the pipeline gains. A trial's figure is the pipeline's throughput with one replica per stage,
-``batch / slowest stage's median time``. The kept setting is the fastest; of settings within
+``batch / slowest stage's time per call``, each stage's time per call being the wall time of its run over
+the calls it made: under contention a short call often runs within one time slice of the scheduler and
+the waits fall between calls, so a median per call would miss them. After each call a trial spends
+:data:`CALL_OVERHEAD_MS` of CPU, what serving itself costs per stage call, so that a small batch pays for
+its many calls as it would when served. The kept setting is the fastest; of settings within
 :data:`NEAR` of it, the smallest batch (less latency), then the fewest threads.
 """
 
@@ -13,7 +17,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +32,10 @@ from partitions.runtime import StageRunner, load_pipeline, stage_payload
 from partitions.storage import read_plan, write_plan
 from partitions.types import Payload
 
+CALL_OVERHEAD_MS = 3.0
+"""CPU milliseconds a served stage spends per call around its program (Serve's request path, the payload's
+conversion, the busy-interval record), measured on a 2-core machine (BENCHMARKS.md, "Where the CPU goes").
+Every trial spends it per call, as CPU beside the stages, so that small batches pay for their many calls."""
 NEAR = 0.03
 """Throughputs within 3% of the best count as equal (about the spread of repeated trials on a busy machine)."""
 START_DELAY_S = 0.3
@@ -40,7 +47,7 @@ class Trial:
     batch_size: int
     threads: list[int]
     stage_ms: list[float]
-    """Median ms per call of each stage while all stages ran at once."""
+    """Wall ms per call of each stage (its run's time over its calls) while all stages ran at once."""
 
     @property
     def samples_per_s(self) -> float:
@@ -54,6 +61,8 @@ class Tuning:
     """The plan's serving batch at the current threads: what serving ran before tuning."""
     best: Trial
     trials: list[Trial]
+    call_overhead_ms: float = CALL_OVERHEAD_MS
+    """CPU ms spent after every call in the trials (serving's own work per call)."""
 
     @property
     def gain(self) -> float:
@@ -63,6 +72,7 @@ class Tuning:
         row = lambda t: {**asdict(t), "samples_per_s": t.samples_per_s}
         return {
             "cores": self.cores,
+            "call_overhead_ms": self.call_overhead_ms,
             "before": row(self.before),
             "best": row(self.best),
             "gain": self.gain,
@@ -97,9 +107,11 @@ def tune(
     seconds: float = 2.0,
     cores: int | None = None,
     progress: Callable[[str], None] | None = None,
+    call_overhead_ms: float = CALL_OVERHEAD_MS,
 ) -> Tuning:
-    """Measure the plan at ``uri`` (trials of ``seconds`` each on ``cores`` cores, default all), write the best
-    setting into its plan.json (``Stage.engine.threads``, ``Plan.tuning``) and return the trials."""
+    """Measure the plan at ``uri`` (trials of ``seconds`` each on ``cores`` cores, default all, every call
+    followed by ``call_overhead_ms`` of CPU work), write the best setting into its plan.json
+    (``Stage.engine.threads``, ``Plan.tuning``) and return the trials."""
     plan = read_plan(uri)
     cores = cores or os.cpu_count() or 1
     sizes = sorted({*batch_sizes, plan.serve_batch_size})
@@ -112,7 +124,7 @@ def tune(
             threads: list[int] | None = current_threads(plan)
             previous: Trial | None = None
             while threads is not None:
-                trial = Trial(batch, threads, _run_together(pipes, threads, payloads, seconds))
+                trial = Trial(batch, threads, _run_together(pipes, threads, payloads, seconds, call_overhead_ms))
                 trials.append(trial)
                 say(f"batch {batch}, threads {threads}: {trial.samples_per_s:.1f} samples/s")
                 if previous is not None and trial.samples_per_s < (1 + NEAR) * previous.samples_per_s:
@@ -120,7 +132,7 @@ def tune(
                 previous = trial
                 threads = next_threads(threads, trial.stage_ms, cores)
     before = next(t for t in trials if t.batch_size == plan.serve_batch_size)
-    result = Tuning(cores, before, best_trial(trials), trials)
+    result = Tuning(cores, before, best_trial(trials), trials, call_overhead_ms)
     write_plan(uri, tuned(plan, result))
     return result
 
@@ -131,6 +143,7 @@ def tuned(plan: Plan, result: Tuning) -> Plan:
         stage.engine.threads = threads
     plan.tuning = {
         "batch_size": result.best.batch_size,
+        "call_overhead_ms": result.call_overhead_ms,
         "cores": result.cores,
         "samples_per_s": result.best.samples_per_s,
         "before_samples_per_s": result.before.samples_per_s,
@@ -151,14 +164,16 @@ def _stage_payloads(runners: list[StageRunner], plan: Plan, batch: int) -> list[
     return received
 
 
-def _run_together(pipes: list[Connection], threads: list[int], payloads: list[Payload], seconds: float) -> list[float]:
+def _run_together(
+    pipes: list[Connection], threads: list[int], payloads: list[Payload], seconds: float, overhead_ms: float
+) -> list[float]:
     for pipe, n, payload in zip(pipes, threads, payloads):
         pipe.send(("prepare", n, payload))
     for pipe in pipes:
         pipe.recv()
     start = time.time() + START_DELAY_S
     for pipe in pipes:
-        pipe.send(("run", start, seconds))
+        pipe.send(("run", start, seconds, overhead_ms))
     return [float(pipe.recv()) for pipe in pipes]
 
 
@@ -186,7 +201,9 @@ def _workers(uri: str, stages: int) -> Iterator[list[Connection]]:
 
 def _worker(uri: str, index: int, pipe: Connection) -> None:
     """A stage's process: ``prepare`` loads the stage with its threads and warms it on the payload; ``run``
-    calls it from the agreed start for ``seconds`` and answers the median ms per call."""
+    calls it back to back from the agreed start for ``seconds``, each call followed by the run's CPU overhead
+    per call, and answers the wall ms per call (the run's time over its calls: what the stage sustains beside
+    the others)."""
     import torch
 
     runners: dict[int, StageRunner] = {}
@@ -204,13 +221,20 @@ def _worker(uri: str, index: int, pipe: Connection) -> None:
             current = (runner, payload)
             pipe.send("ready")
             continue
-        _, start, seconds = message
+        _, start, seconds, overhead_ms = message
         assert current is not None
         runner, payload = current
         time.sleep(max(0.0, start - time.time()))
-        times: list[float] = []
-        while time.time() < start + seconds or not times:
-            begin = time.perf_counter()
+        calls, begin = 0, time.perf_counter()
+        while time.time() < start + seconds or not calls:
             runner(payload)
-            times.append((time.perf_counter() - begin) * 1e3)
-        pipe.send(statistics.median(times))
+            _spend_cpu(overhead_ms)
+            calls += 1
+        pipe.send((time.perf_counter() - begin) * 1e3 / calls)
+
+
+def _spend_cpu(ms: float) -> None:
+    """Busy this process's thread for ``ms`` of its own CPU time (it competes for the cores as served work does)."""
+    end = time.thread_time() + ms / 1e3
+    while time.thread_time() < end:
+        pass

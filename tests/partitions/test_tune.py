@@ -30,11 +30,12 @@ def test_tune_writes_threads_and_batch_into_the_plan(planned, tmp_path) -> None:
     model = planned(MLP, stages=2)
     uri = str(tmp_path / "plan")
     shutil.copytree(model.uri, uri)  # the session's plan stays as planned
-    result = tune(uri, batch_sizes=(1, 4), seconds=0.3, cores=2)
+    result = tune(uri, batch_sizes=(1, 4), seconds=0.3, cores=2, call_overhead_ms=0.5)
     assert {t.batch_size for t in result.trials} >= {1, 4, model.plan.batch_size}
     assert result.before.threads == [1, 1] and result.before.batch_size == model.plan.batch_size
     # The plan's own setting is a trial: the kept one is at most NEAR slower (a smaller batch near the best).
     assert result.best.samples_per_s >= (1 - NEAR) * result.before.samples_per_s
     plan = read_plan(uri)
     assert plan.serve_batch_size == result.best.batch_size and plan.tuning["cores"] == 2
+    assert plan.tuning["call_overhead_ms"] == 0.5 == result.to_json()["call_overhead_ms"]
     assert [s.engine.threads for s in plan.stages] == result.best.threads
