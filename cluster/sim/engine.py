@@ -184,6 +184,17 @@ class _Stage:
         self.replicas = [_Replica(self.pending if shared else _Queue(), True) for _ in range(replicas)]
         self.target = replicas
         self.completed, self.busy_s, self.full_ms, self.full_batches = 0, 0.0, 0.0, 0
+        self._serving: list[_Replica] | None = None
+
+    def serving(self) -> list[_Replica]:
+        """The replicas that take new requests (ready, not stopped), kept until :meth:`changed`."""
+        if self._serving is None:
+            self._serving = [r for r in self.replicas if r.ready and not r.draining]
+        return self._serving
+
+    def changed(self) -> None:
+        """A replica started, became ready, was stopped or went."""
+        self._serving = None
 
     @property
     def alive(self) -> int:
@@ -247,7 +258,8 @@ def simulate(
         """Serve's power of two choices: of two different replicas drawn at random among those serving and
         under ``max_ongoing``, the one with fewer requests; None when there is none."""
         nonlocal pick
-        open_ = [r for r in s.replicas if r.ready and not r.draining and r.queue.count + r.running < cap]
+        serving = s.serving()
+        open_ = serving if cap == math.inf else [r for r in serving if r.queue.count + r.running < cap]
         if len(open_) <= 1:
             return open_[0] if open_ else None
         first = int(picks[pick % len(picks)] * len(open_))
@@ -303,6 +315,7 @@ def simulate(
                 s.replicas.append(r)
                 seq += 1
                 heapq.heappush(events, (t + config.startup_s, seq, _READY, i, r, 0.0))
+            s.changed()
             route(i, t)
         elif s.target < len(serving):
             order = sorted(serving, key=lambda r: (r.ready, r.running + (0 if shared else r.queue.count)))
@@ -310,6 +323,7 @@ def simulate(
                 r.draining = True
                 if not r.busy and (shared or not r.queue.count):
                     s.replicas.remove(r)
+            s.changed()
             if not shared:  # their requests not yet started stay with them; new ones go elsewhere
                 route(i, t)
         n_alive = sum(x.alive for x in st)
@@ -353,6 +367,7 @@ def simulate(
             if kind == _READY:
                 if what in s.replicas:  # not stopped while it started
                     what.ready = True
+                    s.changed()
                     route(i, t)
                 continue
             r, ids = what
