@@ -74,7 +74,8 @@ def batch(plan_dir: str, input: str, **options: Any) -> ray.data.Dataset:
     pipeline and writes one file per input file.
 
     ``options`` (see :func:`cluster.batch.prepare`): ``mapping`` (column -> model input), ``keys``,
-    ``batch_size``, ``gpus``, ``cpus``, ``output_uri`` (skip inputs whose output there is complete)."""
+    ``batch_size``, ``gpus``, ``cpus``, ``output_uri`` (skip inputs whose output there is complete),
+    ``share_actors`` (consecutive stages share an actor on fewer CPUs than stages; default True)."""
     from cluster.batch import batch_dataset
 
     return batch_dataset(plan_dir, input, **options)
