@@ -268,32 +268,40 @@ def simulate(
         a, b = open_[first], open_[second + (second >= first)]
         return a if a.queue.count + a.running <= b.queue.count + b.running else b
 
+    def feed(i: int, r: _Replica, t: float) -> None:
+        """Start replica r's next batch if it is free and has work (a stopped replica works off its own
+        queue, as in Serve, but takes nothing more from a shared one)."""
+        if r.ready and not r.busy and r.queue.count and not (r.draining and shared):
+            start_batch(i, r, t)
+
     def route(i: int, t: float) -> None:
-        """Hand the stage's waiting requests to replicas and start every idle replica that has work."""
+        """Hand the stage's waiting requests to replicas: the caller's held requests to replicas below
+        ``max_ongoing`` (Serve), or the shared queue to free replicas."""
         s = st[i]
-        if not shared:
-            while s.pending.count:
-                r = choose(s)
-                if r is None:
+        if shared:
+            for free in s.serving():
+                if not s.pending.count:
                     break
-                r.queue.put(s.pending.take(len(s.pending.chunks[0]) - s.pending.head))
-        for r in s.replicas:  # a stopped replica works off its own queue (Serve), not the shared one
-            if r.ready and not r.busy and r.queue.count and not (r.draining and shared):
-                start_batch(i, r, t)
+                feed(i, free, t)
+            return
+        while s.pending.count:
+            r = choose(s)
+            if r is None:
+                break
+            r.queue.put(s.pending.take(len(s.pending.chunks[0]) - s.pending.head))
+            feed(i, r, t)
 
     def arrive(i: int, ids: np.ndarray, t: float) -> None:
-        """A request (ids) arrives at stage i: to a replica's own queue, else to the handle's (Serve), or to
-        the stage's queue (shared)."""
+        """A request (ids) arrives at stage i: to a replica's own queue (Serve), or, while requests are held
+        at the caller or on a shared queue, behind them."""
         s = st[i]
-        r = None if shared else choose(s)
+        r = None if shared or s.pending.count else choose(s)
         if r is None:
             s.pending.put(ids)
-            if shared:
-                route(i, t)
+            route(i, t)
         else:
             r.queue.put(ids)
-            if not r.busy:
-                start_batch(i, r, t)
+            feed(i, r, t)
 
     def reconcile(i: int, t: float) -> None:
         """Move stage i towards its target: undrain, start (GPU budget permitting) or stop replicas. Stopped
@@ -385,7 +393,10 @@ def simulate(
                 s.replicas.remove(r)
                 n_alive -= 1
                 n_gpu -= s.model.gpu_fraction
-            route(i, t)
+            else:
+                feed(i, r, t)
+            if not shared:  # a request held at the caller may now fit under max_ongoing
+                route(i, t)
     account(duration_s)
     return SimResult(
         arrivals_s=arrivals_s,
