@@ -33,7 +33,7 @@ from cluster.batch.files import (
     resolve,
 )
 from cluster.batch.pools import Pool, plan_pools
-from cluster.batch.steps import BUSY, READ_STEP, STARTED, Layout, StageStep, read_step, resolve_layout, stage_key
+from cluster.batch.steps import BUSY, READ_STEP, STARTED, Layout, StageStep, read_step, resolve_layout
 from partitions.plan import Plan
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def dataset(job: Prepared, stats: bool = False) -> ray.data.Dataset:
             num_gpus=pool.num_gpus or None,
         )
     if not stats:
-        ds = ds.drop_columns([STARTED, *[f"{BUSY}{s}" for s in [READ_STEP, *(stage_key(p.stages) for p in job.pools)]]])
+        ds = ds.drop_columns([STARTED, *[f"{BUSY}{s}" for s in [READ_STEP, *(p.name for p in job.pools)]]])
     return ds
 
 
@@ -311,9 +311,8 @@ def _step_reports(job: Prepared, busy: Mapping[str, float], rows: int, seconds: 
     out = []
     steps: list[tuple[str, int, float, float]] = [(READ_STEP, 0, job.read_cpus, 0.0)]
     steps += [(p.name, p.actors, p.num_cpus, p.num_gpus) for p in job.pools]
-    keys = [READ_STEP, *[stage_key(p.stages) for p in job.pools]]
-    for (name, actors, cpus, gpus), key in zip(steps, keys):
-        b = busy.get(key, 0.0)
+    for name, actors, cpus, gpus in steps:
+        b = busy.get(name, 0.0)
         out.append(
             StepReport(
                 step=name,

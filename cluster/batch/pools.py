@@ -30,9 +30,12 @@ class Pool:
 
     @property
     def name(self) -> str:
-        """``stage-2``, or ``stages-0-1`` for a pool that runs stages 0 and 1."""
-        first, last = self.stages[0], self.stages[-1]
-        return f"stage-{first}" if first == last else f"stages-{first}-{last}"
+        return pool_name(self.stages)
+
+
+def pool_name(stages: Sequence[int]) -> str:
+    """``stage-2``, or ``stages-0-1`` for a pool that runs stages 0 and 1: the step's name in the report."""
+    return f"stage-{stages[0]}" if len(stages) == 1 else f"stages-{stages[0]}-{stages[-1]}"
 
 
 def group_stages(costs: Sequence[float], groups: int) -> list[tuple[int, ...]]:

@@ -32,21 +32,18 @@ from cluster.batch.files import (
     read_rows,
     to_tensor,
 )
+from cluster.batch.pools import pool_name
 from partitions.plan import Plan
 from partitions.types import TensorSpec
 
 VALUE = "__ps_v:"
 """Prefix of the columns that hold model inputs and activations inside the pipeline."""
 BUSY = "__ps_busy_s:"
-"""Prefix of the per-row share of a step's busy seconds (``read``, ``0``, ``1``, ...), for the report."""
+"""Prefix of the per-row share of a step's busy seconds (``read``, ``stage-0``, ``stages-1-2``, ...: the
+step's name in the report)."""
 STARTED = "__ps_started"
 """Wall-clock time at which the first stage started a row's batch (for the report's streaming time)."""
 READ_STEP = "read"
-
-
-def stage_key(stages: Sequence[int]) -> str:
-    """The report's key of a step running ``stages``: ``2``, or ``0-1`` for stages 0 and 1."""
-    return str(stages[0]) if len(stages) == 1 else f"{stages[0]}-{stages[-1]}"
 
 
 class StageFailed(Exception):
@@ -191,7 +188,7 @@ class StageStep:
         self.runners = [StageRunner(uri, i, device, layout.plan, threads=threads) for i in stages]
         self.layout = layout
         self.stages = list(stages)
-        self.key = stage_key(self.stages)
+        self.key = pool_name(self.stages)
         self.final = final
         first = self.runners[0].stage
         self.specs = {t.name: t for t in first.inputs}

@@ -82,8 +82,8 @@ def test_a_step_of_two_stages_equals_two_steps(mlp: PlannedModel) -> None:
     one = StageStep(mlp.uri, [0, 1], *args, final=True)(batch)
     two = StageStep(mlp.uri, [1], *args, final=True)(StageStep(mlp.uri, [0], *args, final=False)(batch))
     outputs = [o.name for o in mlp.plan.outputs]
-    assert one.column_names == ["id", INPUT, ROW, REASON, *outputs, STARTED, BUSY + "0-1"]
-    assert set(two.column_names) == {*one.column_names[:-1], BUSY + "0", BUSY + "1"}
+    assert one.column_names == ["id", INPUT, ROW, REASON, *outputs, STARTED, BUSY + "stages-0-1"]
+    assert set(two.column_names) == {*one.column_names[:-1], BUSY + "stage-0", BUSY + "stage-1"}
     for name in outputs:
         np.testing.assert_allclose(np.stack(one.column(name).to_numpy(zero_copy_only=False)),
                                    np.stack(two.column(name).to_numpy(zero_copy_only=False)), rtol=1e-6)  # fmt: skip
