@@ -421,10 +421,10 @@ def run_sim(
     controller: Any = (
         Coordinated(config, metrics) if policy == "coordinated" else RayDefault(config.stages, ray, metrics)
     )
-    from serve_app.app import AppArgs
+    from serve_app.app import STAGE_MAX_ONGOING
 
-    args = AppArgs(plan_uri="-", **app_args(setup))
-    sim = SimConfig(startup_s=startup_s, drain_s=120.0, max_ongoing=args.max_ongoing_requests or 64, routing=routing)
+    ongoing = app_args(setup).get("max_ongoing_requests") or STAGE_MAX_ONGOING
+    sim = SimConfig(startup_s=startup_s, drain_s=120.0, max_ongoing=ongoing, routing=routing)
     result = simulate(models, times_s, controller, duration_s, sim)
     result.finish_s = result.finish_s + transit_ms / 1e3
     return result

@@ -24,6 +24,9 @@ from serve_app.retry import RetryPolicy
 from serve_app.serve_types import as_deployment
 from serve_app.stage import StageDeployment
 
+STAGE_MAX_ONGOING = 64
+"""Requests (batches the entrance formed) a stage replica holds at once unless ``max_ongoing_requests`` says."""
+
 
 class AppArgs(BaseModel):
     """Arguments of :func:`build_app`."""
@@ -75,7 +78,7 @@ class AppArgs(BaseModel):
     num_cpus: float = Field(default=1.0, ge=0)
     """CPUs reserved per replica (entrance and stages)."""
     max_ongoing_requests: int | None = Field(default=None, ge=1)
-    """Requests (batches) per stage replica at once; default: 64."""
+    """Requests (batches) per stage replica at once; default: :data:`STAGE_MAX_ONGOING`."""
     entrance_max_ongoing_requests: int = Field(default=256, ge=1)
     """Requests the entrance keeps in flight through the pipeline."""
     entrance_max_queued_requests: int = Field(default=256, ge=1)
@@ -166,7 +169,7 @@ def deployment_options(plan: Plan, args: AppArgs) -> dict[str, dict[str, Any]]:
         options[stage_name(stage.index)] = {
             "ray_actor_options": actor,
             "logging_config": logging,
-            "max_ongoing_requests": args.max_ongoing_requests or 64,
+            "max_ongoing_requests": args.max_ongoing_requests or STAGE_MAX_ONGOING,
             "max_queued_requests": args.max_queued_requests or args.entrance_max_ongoing_requests,
             "autoscaling_config": scaling,
         }

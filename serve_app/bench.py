@@ -45,7 +45,7 @@ from partitions.plan import Plan
 from partitions.runtime import load_pipeline, pick_device, run_pipeline
 from partitions.source import plan_model
 from partitions.storage import read_plan
-from serve_app.app import AppArgs, build_app, default_model_name, entrance_config, stage_config
+from serve_app.app import STAGE_MAX_ONGOING, AppArgs, build_app, default_model_name, entrance_config, stage_config
 from serve_app.baselines import SetupConfig, plain_chain_app, whole_model_app
 from serve_app.loadgen import Call, RunResult, closed_loop, open_loop
 from serve_app.names import stage_name
@@ -207,7 +207,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
             batch_wait_s=wait_s,
             stage_max_batch_size=stage_batch,
             stage_batch_wait_s=stage.batch_wait_timeout_s,
-            max_ongoing_requests=args.max_ongoing_requests or 64,
+            max_ongoing_requests=args.max_ongoing_requests or STAGE_MAX_ONGOING,
             in_flight_batches=entrance.max_concurrent_batches,
             engine=plan.engine,
             **common,
