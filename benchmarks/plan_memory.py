@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=PlanOptions.repeats, help="timed runs per node while profiling")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         warm = load_model("demo-transformer", {"layers": 1, "width": 16, "seq_len": 4})
@@ -38,7 +39,7 @@ def main() -> None:
         baseline = _status("VmRSS")
         source = load_model("demo-transformer", {"layers": args.layers, "width": args.width})
         weights = sum(t.numel() * t.element_size() for t in source.module.state_dict().values())
-        plan = build_plan(source, f"{tmp}/plan", PlanOptions(stages=args.stages))
+        plan = build_plan(source, f"{tmp}/plan", PlanOptions(stages=args.stages, repeats=args.repeats))
         peak = _status("VmHWM") - baseline
     print(
         json.dumps(

@@ -30,16 +30,17 @@ def serve_details() -> ServeInstanceDetails | None:
     return None if client is None else ServeInstanceDetails(**client.get_serve_details())
 
 
-def deploy_apps(config: dict[str, Any], blocking: bool = False) -> list[str]:
+def deploy_apps(config: dict[str, Any]) -> list[str]:
     """Apply a Serve config dict as ``serve deploy`` does (so an application-level ``autoscaling_policy``
     applies, which ``serve.run`` cannot set), starting Serve with the config's HTTP options if it is not
-    running; returns the application names. The public route goes through the dashboard's REST API, which
-    a local Ray started without the dashboard does not have."""
+    running; returns the application names without waiting for them (``cluster.local.wait_running``). The
+    public route goes through the dashboard's REST API, which a local Ray started without the dashboard does
+    not have."""
     from ray.serve._private import api as serve_api
 
     schema = ServeDeploySchema.model_validate(config)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
-    client.deploy_apps(schema, _blocking=blocking)
+    client.deploy_apps(schema)
     return [app.name for app in schema.applications]
 
 

@@ -25,6 +25,7 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from cluster.deploy import serve_config
+from cluster.local import wait_running
 from cluster.placement import GROUP_LABEL, apply_options, colocation_groups, placement_options
 from partitions.inputs import random_inputs
 from partitions.partition import PlanOptions, build_plan
@@ -83,7 +84,8 @@ def deploy(uri: str, name: str, options: dict[str, dict[str, Any]]) -> None:
     config = serve_config(uri, app_name=name, route_prefix=f"/{name}", gpus=True, num_cpus=0, max_batch_size=4)
     entrance = {ENTRANCE: {"ray_actor_options": {"label_selector": {GROUP_LABEL: "head"}}}}
     config = apply_options(config, {**entrance, **options})
-    deploy_apps(config, blocking=True)
+    # Replicas of 3 nodes on 2 busy cores can take minutes to start (Serve's own blocking deploy gives 60 s).
+    wait_running(deploy_apps(config), timeout_s=300)
 
 
 def placement(app: str) -> dict[str, tuple[str, float]]:
@@ -92,7 +94,7 @@ def placement(app: str) -> dict[str, tuple[str, float]]:
     out = {}
     for name, node in nodes.items():
         if name.startswith("stage-"):
-            info = serve.get_deployment_handle(name, app).placement.remote().result(timeout_s=60)
+            info = serve.get_deployment_handle(name, app).placement.remote().result(timeout_s=120)
             out[name] = (node, info["resources"].get("GPU", 0.0))
     return out
 
@@ -161,7 +163,7 @@ def test_colocated_stages_share_a_node_and_survive_its_loss(cluster: dict[str, A
         try:
             for _ in range(4):
                 pool.submit(client)
-            wait_for(lambda: counts["ok"] >= 8, 60, "8 answers before the node loss")
+            wait_for(lambda: counts["ok"] >= 8, 120, "8 answers before the node loss")
             replacement = c.add_node(num_cpus=1, num_gpus=1, labels={GROUP_LABEL: "0"})
             c.remove_node(cluster["nodes"].pop("0"))
             removed_at = time.monotonic()
@@ -171,10 +173,10 @@ def test_colocated_stages_share_a_node_and_survive_its_loss(cluster: dict[str, A
                 where = placement_alive("tower")
                 return where.get("stage-0") == where.get("stage-2") == replacement.node_id
 
-            wait_for(moved, 120, "stages 0 and 2 on the replacement node")
+            wait_for(moved, 240, "stages 0 and 2 on the replacement node")
             recovered_s = time.monotonic() - removed_at
             ok_at_recovery = counts["ok"]
-            wait_for(lambda: counts["ok"] >= ok_at_recovery + 8, 60, "8 answers after recovery")
+            wait_for(lambda: counts["ok"] >= ok_at_recovery + 8, 120, "8 answers after recovery")
         finally:  # a failed wait must stop the clients too, or leaving the pool waits for them forever
             stop.set()
     after = placement("tower")

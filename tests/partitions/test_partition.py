@@ -124,7 +124,7 @@ def test_plan_peak_memory_below_twice_the_weights() -> None:
 
     root = REPO
     result = subprocess.run(
-        [sys.executable, "benchmarks/plan_memory.py", "--layers", "12", "--width", "512"],
+        [sys.executable, "benchmarks/plan_memory.py", "--layers", "12", "--width", "512", "--repeats", "1"],
         capture_output=True,
         text=True,
         cwd=root,
