@@ -369,6 +369,7 @@ def run_live(
         finish_s=finish,
         tick_s=np.asarray([timeline.times_s[k] for k in keep]),
         replicas=np.asarray([timeline.alive[k] for k in keep], dtype=int).reshape(len(keep), len(stages)),
+        ready=np.asarray([timeline.running[k] for k in keep], dtype=int).reshape(len(keep), len(stages)),
         replica_seconds=timeline.replica_seconds(duration_s),
         gpu_seconds=0.0,
         scale_actions=sum(
@@ -390,11 +391,14 @@ def run_sim(
     service_ms: list[float | None] | None = None,
     transit_ms: float = 0.0,
     routing: str = "replicas",
+    startup_slots: float = 0.0,
 ) -> Any:
     """The simulator on the twin's parameters: the same stages, arrivals, delays, Serve metrics and routing
     (``routing``; each stage replica holding up to the application's ``max_ongoing_requests``), with the
     run's measured start-up, replica time per request (``service_ms``; the sleep where None) and time in
-    transit (``transit_ms``: what a request spends outside the stages' replicas, added to its latency)."""
+    transit (``transit_ms``: what a request spends outside the stages' replicas, added to its latency).
+    ``startup_slots``: start-ups that share the machine (:attr:`cluster.sim.engine.SimConfig.startup_slots`;
+    ``startup_s`` is then one start-up alone)."""
     from cluster.policy import PolicyConfig, StageSpec
     from cluster.sim.engine import SimConfig, StageModel, simulate
     from cluster.sim.metrics import ServeMetrics, ServeMetricsConfig
@@ -424,7 +428,9 @@ def run_sim(
     from serve_app.app import STAGE_MAX_ONGOING
 
     ongoing = app_args(setup).get("max_ongoing_requests") or STAGE_MAX_ONGOING
-    sim = SimConfig(startup_s=startup_s, drain_s=120.0, max_ongoing=ongoing, routing=routing)
+    sim = SimConfig(
+        startup_s=startup_s, startup_slots=startup_slots, drain_s=120.0, max_ongoing=ongoing, routing=routing
+    )
     result = simulate(models, times_s, controller, duration_s, sim)
     result.finish_s = result.finish_s + transit_ms / 1e3
     return result
@@ -444,8 +450,10 @@ def figures(result: Any, setup: TwinSetup, step_s: float | None, window_s: float
     starts, p99 = rolling_p99_ms(result, window_s)
     ticks = np.asarray(result.tick_s)
     every = [int(np.searchsorted(ticks, t, side="right")) - 1 for t in starts]
+    seen = Timeline(times_s=ticks.tolist(), running=result.ready.tolist(), target=result.replicas.tolist())
     return {
         **summarize(result, setup.slo_ms, step_s, window_s),
+        "startup_s": seen.startup_s(),
         "latency_ms": [None if np.isinf(v) else round(float(v), 1) for v in result.latency_ms],
         "p99_over_time": [[float(t), None if np.isnan(v) else float(min(v, 1e9))] for t, v in zip(starts, p99)],
         "replicas_over_time": [
@@ -524,34 +532,84 @@ def compare(
 
 
 def simulate_runs(
-    report: dict[str, Any], setup: TwinSetup, routing: str = "replicas", progress: Callable[[str], None] = print
+    report: dict[str, Any],
+    setup: TwinSetup,
+    routing: str = "replicas",
+    progress: Callable[[str], None] = print,
+    startup_slots: float = 0.0,
 ) -> dict[str, Any]:
     """The simulator on every live run of ``report`` with that run's ``sim_parameters`` (its measured
-    start-up, replica time per request and transit), under ``routing``; adds ``sim`` and ``sim_vs_live``."""
+    start-up, replica time per request and transit), under ``routing``; adds ``sim`` and ``sim_vs_live``.
+
+    With ``startup_slots`` the start-ups share the machine: one start-up alone is fitted per workload so that
+    the simulated Ray default run starts its replicas in the median time its live run measured
+    (:func:`fit_startup_s`), and both policies run with it; the coordinated run's simulated start-up is then
+    a prediction to hold against its live one."""
     from cluster.sim.workloads import arrivals
 
     duration_s, change_s, seed = (report["setup"][k] for k in ("duration_s", "change_s", "seed"))
     specs = report["setup"]["stage_specs"]
+
+    def sim(kind: str, policy: str, par: dict[str, Any], startup_s: float) -> Any:
+        times = arrivals(workload_of(kind, setup, change_s), duration_s, seed)
+        return run_sim(
+            specs, setup, policy, times, duration_s, startup_s, par["service_ms"], par["transit_ms"], routing,
+            startup_slots,
+        )  # fmt: skip
+
+    alone: dict[str, float] = {}
+    if startup_slots > 0:
+        for key, run in report["runs"].items():
+            kind, policy = key.split("/")
+            if policy == "ray-default":
+                step = change_s if kind == "step" else None
+                alone[kind] = fit_startup_s(
+                    lambda w, kind=kind, run=run, step=step: figures(
+                        sim(kind, "ray-default", run["sim_parameters"], w), setup, step
+                    )["startup_s"],
+                    run["sim_parameters"]["startup_s"],  # the live run's
+                )
+                progress(f"{kind}: one start-up alone {alone[kind]:.1f} s on {startup_slots:g} slots (from {key})")
     for key, run in report["runs"].items():
         kind, policy = key.split("/")
-        times = arrivals(workload_of(kind, setup, change_s), duration_s, seed)
         par = run["sim_parameters"]
-        result = run_sim(
-            specs, setup, policy, times, duration_s, par["startup_s"], par["service_ms"], par["transit_ms"], routing
-        )
-        run["sim"] = {**figures(result, setup, change_s if kind == "step" else None), "routing": routing}
-        run["sim_vs_live"] = {
-            k: _relative(run["sim"][k], run["live"][k]) for k in ("recovery_s", "replica_seconds", "slo_attainment")
+        result = sim(kind, policy, par, alone.get(kind, par["startup_s"]))
+        run["sim"] = {
+            **figures(result, setup, change_s if kind == "step" else None),
+            "routing": routing,
+            "startup_slots": startup_slots,
+            "startup_alone_s": alone.get(kind) if startup_slots > 0 else None,
         }
-        progress(f"sim {key}: {_line(run['sim'])}; vs live {run['sim_vs_live']}")
+        live = {**run["live"], "startup_s": par["startup_s"]}
+        run["sim_vs_live"] = {
+            k: _relative(run["sim"][k], live[k]) for k in ("recovery_s", "replica_seconds", "slo_attainment", "startup_s")
+        }
+        progress(
+            f"sim {key}: {_line(run['sim'])}, start-up {run['sim']['startup_s']} s (live {par['startup_s']:.1f}); "
+            f"vs live {run['sim_vs_live']}"
+        )
     return report
+
+
+def fit_startup_s(simulated: Callable[[float], float | None], measured_s: float, rounds: int = 12) -> float:
+    """The start-up alone (s) at which ``simulated(startup_s)`` (the median start-up a run shows) comes
+    closest to ``measured_s``: bisection between 0.1 s and ``measured_s`` (sharing only lengthens it)."""
+    lo, hi = 0.1, measured_s
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        got = simulated(mid)
+        if got is not None and got > measured_s:
+            hi = mid
+        else:
+            lo = mid
+    return (lo + hi) / 2
 
 
 def _relative(sim: float | None, live: float | None) -> float | None:
     """(sim - live) / live; None when either is missing or live is 0."""
     if sim is None or live is None or live == 0:
         return None
-    return (sim - live) / live
+    return round(float((sim - live) / live), 3)
 
 
 def _line(s: dict[str, Any]) -> str:
@@ -617,6 +675,13 @@ def main() -> None:
         help="JSON report of earlier live runs: run only the simulator on their measured parameters.",
     )
     parser.add_argument("--routing", default="replicas", help="The simulator's routing: replicas or shared.")
+    parser.add_argument(
+        "--startup-slots",
+        type=float,
+        default=0.0,
+        help="With --resimulate: start-ups share this many slots (the live machine's cores); one start-up alone "
+        "is fitted to Ray default's measured start-up.",
+    )
     a = parser.parse_args()
     setup = replace(
         TwinSetup(),
@@ -629,7 +694,7 @@ def main() -> None:
         report = json.loads(a.resimulate.read_text())
         fields = {k: v for k, v in report["setup"].items() if k in TwinSetup.__dataclass_fields__}
         setup = TwinSetup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-        report = simulate_runs(report, setup, a.routing)
+        report = simulate_runs(report, setup, a.routing, startup_slots=a.startup_slots)
     else:
         report = compare(
             setup, a.workloads.split(","), a.policies.split(","), a.duration_s, a.change_s, a.seed, checkpoint=a.out

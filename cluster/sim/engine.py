@@ -7,7 +7,9 @@ holds ``max_ongoing`` requests; a replica that starts gets only requests that ar
 after it is ready, while the others work off their own queues. With ``shared`` routing a stage has one FIFO
 queue that every free replica takes from. A free replica takes up to ``max_batch_size`` queued samples and
 holds them for ``fixed_ms + per_sample_ms * n`` (times Gamma noise with ``service_cv``), then hands the batch
-on. A new replica serves after ``startup_s``; a stopped replica finishes what it holds first. Every
+on. A new replica serves after ``startup_s``, or, with ``startup_slots``, after ``startup_s`` of progress
+shared with the other replicas starting at the same time (:func:`startup_rate`); a stopped replica finishes
+what it holds first. Every
 ``tick_s`` a controller gets a :class:`~cluster.sim.metrics.Snapshot` (the exact state; what a policy may see
 of it is the controller's metrics model, :mod:`cluster.sim.metrics`) and sets each stage's replicas; replicas
 beyond the GPU budget wait until GPUs free up, as in a Ray cluster.
@@ -92,10 +94,22 @@ def with_initial_replicas(
     ]
 
 
+def startup_rate(starting: int, slots: float) -> float:
+    """Progress per second of each of ``starting`` replica start-ups that share ``slots`` (the cores, or the
+    link their weights come over, of one machine; 0: no limit): each gets an equal share, at most one slot.
+    A start-up that needs ``startup_s`` alone takes ``startup_s * starting / slots`` among more than ``slots``."""
+    return 1.0 if slots <= 0 or starting <= slots else slots / starting
+
+
 @dataclass(frozen=True)
 class SimConfig:
     tick_s: float = 1.0
     startup_s: float = 5.0
+    """Seconds a replica takes to start on its own."""
+    startup_slots: float = 0.0
+    """Replica start-ups that run at full speed at once; more share them (:func:`startup_rate`). 0: no limit,
+    every start-up takes ``startup_s`` (replicas start on machines of their own). Set it to a machine's cores
+    when every replica starts there and its start-up is CPU work (imports, loading a shard)."""
     service_cv: float = 0.0
     gpu_budget: float | None = None
     drain_s: float = 300.0
@@ -125,7 +139,9 @@ class SimResult:
     """np.inf for requests still unfinished at the end."""
     tick_s: np.ndarray
     replicas: np.ndarray
-    """(ticks, stages): replicas running or starting at each tick."""
+    """(ticks, stages): replicas running or starting at each tick (not stopped)."""
+    ready: np.ndarray
+    """(ticks, stages): of those, the replicas that have started."""
     replica_seconds: float
     gpu_seconds: float
     """Replica-seconds weighted by each stage's GPU share."""
@@ -171,6 +187,8 @@ class _Replica:
         self.queue = queue
         """Its own queue (Serve's routing), or the stage's, shared by every replica."""
         self.ready, self.busy, self.draining, self.running = ready, False, False, 0
+        self.left_s = 0.0
+        """Start-up work left (seconds at full speed), while it starts with ``startup_slots``."""
 
 
 class _Stage:
@@ -229,6 +247,7 @@ def simulate(
     """Run the pipeline on ``arrivals_s`` (sorted, seconds) under ``controller`` for ``duration_s``."""
     check(len(stages) >= 1, "the simulated pipeline needs at least 1 stage (got 0)")
     check(config.tick_s > 0, f"tick_s ({config.tick_s}) must be > 0")
+    check(config.startup_slots >= 0, f"startup_slots ({config.startup_slots}) must be >= 0 (0: no limit)")
     check(config.routing in ROUTINGS, f"routing {config.routing!r} is not one of {ROUTINGS}")
     rng = np.random.default_rng((config.seed, 1))  # a stream apart from the arrivals drawn with the same seed
     noise = rng.gamma(1 / config.service_cv**2, config.service_cv**2, 1 << 16) if config.service_cv > 0 else np.ones(1)
@@ -241,9 +260,13 @@ def simulate(
     cost, gpu_cost, cost_t = 0.0, 0.0, 0.0
     n_alive, n_gpu = sum(s.alive for s in st), sum(s.alive * s.model.gpu_fraction for s in st)
     actions = 0
-    ticks, replica_rows = [], []
+    ticks, replica_rows, ready_rows = [], [], []
+    starting: list[tuple[int, _Replica]] = []
+    """Replicas starting under ``startup_slots``, with their stage."""
+    starts_t, starts_version = 0.0, 0
     budget = math.inf if config.gpu_budget is None else config.gpu_budget
     cap = config.max_ongoing or math.inf
+    slots = config.startup_slots > 0
 
     def start_batch(i: int, r: _Replica, t: float) -> None:
         nonlocal seq
@@ -303,6 +326,30 @@ def simulate(
             r.queue.put(ids)
             feed(i, r, t)
 
+    def advance_starts(t: float) -> None:
+        """Progress every shared start-up to ``t``, and forget the replicas stopped while starting."""
+        nonlocal starts_t, starting
+        rate = startup_rate(len(starting), config.startup_slots)
+        for _, r in starting:
+            r.left_s -= (t - starts_t) * rate
+        starts_t = t
+        starting = [(i, r) for i, r in starting if r in st[i].replicas]
+
+    def schedule_starts(t: float) -> None:
+        """One event at the next shared start-up's end (those scheduled before are stale)."""
+        nonlocal seq, starts_version
+        starts_version += 1
+        if starting:
+            rate = startup_rate(len(starting), config.startup_slots)
+            seq += 1
+            ends = t + max(0.0, min(r.left_s for _, r in starting)) / rate
+            heapq.heappush(events, (ends, seq, _READY, -1, None, starts_version))
+
+    def ready(i: int, r: _Replica, t: float) -> None:
+        r.ready = True
+        st[i].changed()
+        route(i, t)
+
     def reconcile(i: int, t: float) -> None:
         """Move stage i towards its target: undrain, start (GPU budget permitting) or stop replicas. Stopped
         first: replicas still starting, then those with the fewest requests; a stopped replica with requests
@@ -318,19 +365,32 @@ def simulate(
             add = s.target - have
             if gpu > 0 and free < math.inf:
                 add = min(add, int(free / gpu + 1e-9))
+            if slots and add > 0:
+                advance_starts(t)
             for _ in range(max(0, add)):
                 r = _Replica(s.pending if shared else _Queue(), False)
                 s.replicas.append(r)
-                seq += 1
-                heapq.heappush(events, (t + config.startup_s, seq, _READY, i, r, 0.0))
+                if slots:
+                    r.left_s = config.startup_s
+                    starting.append((i, r))
+                else:
+                    seq += 1
+                    heapq.heappush(events, (t + config.startup_s, seq, _READY, i, r, 0.0))
+            if slots and add > 0:
+                schedule_starts(t)
             s.changed()
             route(i, t)
         elif s.target < len(serving):
             order = sorted(serving, key=lambda r: (r.ready, r.running + (0 if shared else r.queue.count)))
+            stopped_starting = False
             for r in order[: len(serving) - s.target]:
                 r.draining = True
                 if not r.busy and (shared or not r.queue.count):
                     s.replicas.remove(r)
+                    stopped_starting |= not r.ready
+            if slots and stopped_starting:  # the others' start-ups speed up
+                advance_starts(t)
+                schedule_starts(t)
             s.changed()
             if not shared:  # their requests not yet started stay with them; new ones go elsewhere
                 route(i, t)
@@ -363,6 +423,7 @@ def simulate(
                 reconcile(i, t)
             ticks.append(t)
             replica_rows.append([sum(not r.draining for r in s.replicas) for s in st])
+            ready_rows.append([sum(r.ready and not r.draining for r in s.replicas) for s in st])
             next_tick = t + config.tick_s
             if progress is not None:
                 progress(t)
@@ -371,12 +432,18 @@ def simulate(
             ai += 1
         else:
             _, _, kind, i, what, dur = heapq.heappop(events)
+            if kind == _READY and i < 0:  # the next shared start-up's end, unless the set changed since
+                if dur == starts_version:
+                    advance_starts(t)
+                    for j, r in [(j, r) for j, r in starting if r.left_s <= 1e-9]:
+                        starting.remove((j, r))
+                        ready(j, r, t)
+                    schedule_starts(t)
+                continue
             s = st[i]
             if kind == _READY:
                 if what in s.replicas:  # not stopped while it started
-                    what.ready = True
-                    s.changed()
-                    route(i, t)
+                    ready(i, what, t)
                 continue
             r, ids = what
             r.busy, r.running = False, 0
@@ -403,6 +470,7 @@ def simulate(
         finish_s=finish,
         tick_s=np.asarray(ticks),
         replicas=np.asarray(replica_rows, dtype=int).reshape(len(ticks), len(st)),
+        ready=np.asarray(ready_rows, dtype=int).reshape(len(ticks), len(st)),
         replica_seconds=cost,
         gpu_seconds=gpu_cost,
         scale_actions=int(actions),

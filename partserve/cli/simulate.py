@@ -122,7 +122,15 @@ def _row(name: str, s: dict[str, Any]) -> list[Any]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--slo-ms", type=float, default=1200.0, show_default=True)
 @click.option("--gpu-budget", type=float, help="GPUs for all stage replicas together.")
-@click.option("--startup-s", type=float, default=10.0, show_default=True, help="Replica start-up time.")
+@click.option("--startup-s", type=float, default=10.0, show_default=True, help="Replica start-up time, alone.")
+@click.option(
+    "--startup-slots",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Start-ups that run at full speed at once; more share them (a machine's cores, where every replica "
+    "starts on it). 0: no limit.",
+)
 @click.option("--service-cv", type=float, default=0.0, show_default=True, help="Noise on batch service times.")
 @click.option("--target-utilisation", type=float, default=0.7, show_default=True)
 @click.option("--drain-time-s", type=float, default=10.0, show_default=True)
@@ -237,6 +245,7 @@ def simulate(**o: Any) -> None:
     sim = SimConfig(
         tick_s=1.0,
         startup_s=o["startup_s"],
+        startup_slots=o["startup_slots"],
         service_cv=o["service_cv"],
         gpu_budget=o["gpu_budget"],
         seed=o["seed"],
@@ -266,6 +275,8 @@ def simulate(**o: Any) -> None:
         "slo_ms": o["slo_ms"],
         "step_s": step_s,
         "routing": o["routing"],
+        "startup_s": o["startup_s"],
+        "startup_slots": o["startup_slots"],
     }
     if o["as_json"]:
         emit_json({**header, "policies": report})
@@ -283,7 +294,8 @@ def simulate(**o: Any) -> None:
     ]
     title = (
         f"{len(stages)} stages, {o['workload']} workload, {len(times)} requests, capacity "
-        f"{capacity:.0f}/s, SLO {o['slo_ms']:g} ms, {o['routing']} routing"
+        f"{capacity:.0f}/s, SLO {o['slo_ms']:g} ms, {o['routing']} routing, start-up {o['startup_s']:g} s"
+        + (f" shared by {o['startup_slots']:g} slots" if o["startup_slots"] else "")
     )
     console.print(table(title, columns, [_row(name, {**s, "step_s": step_s}) for name, s in report.items()]))
     for name, s in report.items():

@@ -7,9 +7,11 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cluster.policy import PolicyConfig
-from cluster.sim.engine import SimConfig, StageModel, simulate, with_initial_replicas
+from cluster.sim.engine import SimConfig, StageModel, simulate, startup_rate, with_initial_replicas
 from cluster.sim.metrics import ServeMetrics, ServeMetricsConfig, Snapshot, StageSnapshot, time_weighted_mean
 from cluster.sim.policies import (
     Coordinated,
@@ -93,6 +95,41 @@ def test_a_new_replica_gets_only_new_requests() -> None:
     # decided at the 1 s tick, B is ready at 2 s with 30 of the burst still queued; shared, each takes 15 of them
     assert shared[:50].max() == pytest.approx(3.5)
     assert runs["replicas"].replicas[-1].tolist() == [2]
+
+
+class Targets:
+    """Sets the one stage's replicas to ``plan[t]`` from tick ``t`` on (the last entry at or before it)."""
+
+    name = "targets"
+
+    def __init__(self, plan: dict[float, int]) -> None:
+        self.plan = plan
+
+    def decide(self, snapshot: Snapshot) -> list[int]:
+        return [self.plan[max(t for t in self.plan if t <= snapshot.time_s)]]
+
+
+@given(st.integers(0, 64), st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 16.0]))
+def test_startup_rate_shares_the_slots_and_never_exceeds_one(starting: int, slots: float) -> None:
+    rate = startup_rate(starting, slots)
+    assert 0 < rate <= 1
+    if slots > 0 and starting > 0:  # together at most the slots, and all of them while any wait
+        assert starting * rate == pytest.approx(min(starting, slots))
+
+
+def test_replicas_starting_together_share_the_slots() -> None:
+    """Six start-ups of 4 s on 2 slots take 12 s each; stopping three of them after 3 s (1 s of progress each)
+    lets the other three finish their 3 s left at 2/3 speed: ready at 7.5 s. Without slots: 4 s."""
+    stage = StageModel("s", fixed_ms=0.0, per_sample_ms=1.0, max_batch_size=1, min_replicas=1, max_replicas=8)
+
+    def ready_at(plan: dict[float, int], slots: float) -> list[int]:
+        config = SimConfig(startup_s=4.0, startup_slots=slots, tick_s=0.5)
+        return simulate([stage], np.zeros(0), Targets(plan), 20.0, config).ready[:, 0].tolist()
+
+    together = ready_at({0: 7}, 2.0)
+    assert together[23:26] == [1, 1, 7]  # ticks at 11.5, 12.0 (before the start-ups' end), 12.5
+    assert ready_at({0: 7}, 0.0)[8:10] == [1, 7]  # 4.0, 4.5
+    assert ready_at({0: 7, 3: 4}, 2.0)[15:17] == [1, 4]  # 7.5, 8.0
 
 
 def test_same_seed_same_run() -> None:

@@ -38,3 +38,14 @@ def test_ray_delays_and_the_oracle_view_only_when_asked() -> None:
     assert {p["observation"]["model"] for p in policies.values()} == {"exact"}
     assert policies["ray-default"]["upscale_delay_s"] == 30.0
     assert policies["coordinated"]["upscale_delay_s"] == 0.0
+
+
+def test_startup_slots_slow_the_start_ups_that_share_them() -> None:
+    """Replicas that start together on 1 slot take longer than on machines of their own: recovery after the
+    step comes no sooner, and the report names the start-up model."""
+    alone, shared = run("--startup-s", "10"), run("--startup-s", "10", "--startup-slots", "1")
+    assert (alone["startup_slots"], shared["startup_slots"], shared["startup_s"]) == (0.0, 1.0, 10.0)
+    for name in ("coordinated", "ray-default"):
+        a, s = alone["policies"][name]["recovery_s"], shared["policies"][name]["recovery_s"]
+        assert s is None or (a is not None and s >= a), (name, a, s)
+    assert shared["policies"]["coordinated"] != alone["policies"]["coordinated"]
