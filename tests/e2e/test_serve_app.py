@@ -243,7 +243,9 @@ def test_stages_overlap_with_requests_in_flight(served: Served) -> None:
     model = served.transformer
     stages = len(model.plan.stages)
     handle = serve.get_app_handle("transformer")
-    inputs = [model.sample(4, seed=i) for i in range(8 * stages)]
+    # 32 samples a request (a batch of its own at max_batch_size 4): each stage's run outlasts a hop between
+    # stages even on a starved machine, where batches of 4 ran in ~9 ms and never overlapped by chance.
+    inputs = [model.sample(32, seed=i) for i in range(6 * stages)]
     start = time.time()
     answers = [handle.infer.remote(x) for x in inputs]  # all in flight before any is awaited
     results = [a.result() for a in answers]
