@@ -581,9 +581,8 @@ def simulate_runs(
             "startup_alone_s": alone.get(kind) if startup_slots > 0 else None,
         }
         live = {**run["live"], "startup_s": par["startup_s"]}
-        run["sim_vs_live"] = {
-            k: _relative(run["sim"][k], live[k]) for k in ("recovery_s", "replica_seconds", "slo_attainment", "startup_s")
-        }
+        compared = ("recovery_s", "replica_seconds", "slo_attainment", "startup_s")
+        run["sim_vs_live"] = {k: _relative(run["sim"][k], live[k]) for k in compared}
         progress(
             f"sim {key}: {_line(run['sim'])}, start-up {run['sim']['startup_s']} s (live {par['startup_s']:.1f}); "
             f"vs live {run['sim_vs_live']}"
