@@ -48,6 +48,9 @@ DEADLINE_S = 2.0
 """The hung-stage app's request deadline."""
 HANG_BOUND_S = 4.0
 """Its stages' ``stage_hang_timeout_s``: a batch running longer fails the replica's health check."""
+SLACK_S = 3.0
+"""What an answer may take past its deadline: the HTTP and handle path on a starved 2-core machine (a
+liveness probe waited 4.3 s there during a burst of large bodies). The hang lasts 600 s."""
 TRAP = ("tests.models:trap_sequential", {})
 MiB = 2**20
 
@@ -147,7 +150,7 @@ def test_poison_request_in_a_full_batch_costs_log_runs(served: Served) -> None:
 
 def test_hung_stage_answers_by_the_deadline_and_is_replaced(served: Served) -> None:
     """Stage 0 blocks for 600 s on a marked sample. That request answers 503 + Retry-After by its deadline (504
-    by a deadline the client set), the requests sent behind it answer within their deadline + 1 s, the stage
+    by a deadline the client set), the requests sent behind it answer within their deadline + SLACK_S, the stage
     keeps serving others, and its health check fails until Serve replaces the replica."""
     url = infer_url(served, HUNG)
     hung = stage_replica(HUNG, "stage-0")
@@ -203,7 +206,7 @@ def test_hung_stage_answers_by_the_deadline_and_is_replaced(served: Served) -> N
         sender.result(timeout=120)
     with httpx.Client() as client:
         after = [client.post(url, json=oip(sample(seed=i)), timeout=60).status_code for i in range(5)]
-    late = [(round(s, 2), st) for _, s, st in behind if s > DEADLINE_S + 1 or st not in (200, 503, 504)]
+    late = [(round(s, 2), st) for _, s, st in behind if s > DEADLINE_S + SLACK_S or st not in (200, 503, 504)]
     served_meanwhile = [
         st for sent, _, st in behind if answered_s <= sent and (replaced_s is None or sent < replaced_s)
     ]
@@ -214,9 +217,9 @@ def test_hung_stage_answers_by_the_deadline_and_is_replaced(served: Served) -> N
         f"{max(s for _, s, _ in behind):.2f} s; replica replaced {replaced_s and replaced_s - answered_s:.1f} s "
         f"after the hang answered; after: {after}"
     )
-    assert r.status_code == 503 and r.headers["retry-after"].isdigit() and hang_s <= DEADLINE_S + 1
-    assert r_client.status_code == 504 and client_s <= 0.5 + 1
-    assert isinstance(exc, DeadlineExceeded) and exc.from_client and handle_s <= 0.5 + 1, exc
+    assert r.status_code == 503 and r.headers["retry-after"].isdigit() and hang_s <= DEADLINE_S + SLACK_S
+    assert r_client.status_code == 504 and client_s <= 0.5 + SLACK_S
+    assert isinstance(exc, DeadlineExceeded) and exc.from_client and handle_s <= 0.5 + SLACK_S, exc
     assert not late, late
     assert 200 in served_meanwhile, "the stage served nothing between the abandoned batch and its replacement"
     assert replaced_s is not None, "Serve did not replace the hung replica"
