@@ -188,7 +188,7 @@ class _Replica:
         """Its own queue (Serve's routing), or the stage's, shared by every replica."""
         self.ready, self.busy, self.draining, self.running = ready, False, False, 0
         self.left_s = 0.0
-        """Start-up work left (seconds at full speed), while it starts with ``startup_slots``."""
+        """Start-up work left (seconds at full speed), while it starts."""
 
 
 class _Stage:
@@ -262,11 +262,10 @@ def simulate(
     actions = 0
     ticks, replica_rows, ready_rows = [], [], []
     starting: list[tuple[int, _Replica]] = []
-    """Replicas starting under ``startup_slots``, with their stage."""
+    """Replicas starting, with their stage; they progress together at :func:`startup_rate`."""
     starts_t, starts_version = 0.0, 0
     budget = math.inf if config.gpu_budget is None else config.gpu_budget
     cap = config.max_ongoing or math.inf
-    slots = config.startup_slots > 0
 
     def start_batch(i: int, r: _Replica, t: float) -> None:
         nonlocal seq
@@ -327,23 +326,24 @@ def simulate(
             feed(i, r, t)
 
     def advance_starts(t: float) -> None:
-        """Progress every shared start-up to ``t``, and forget the replicas stopped while starting."""
+        """Progress every start-up to ``t``, and forget the replicas stopped while starting (a starting replica
+        holds no requests, so stopping it removes it at once)."""
         nonlocal starts_t, starting
         rate = startup_rate(len(starting), config.startup_slots)
         for _, r in starting:
             r.left_s -= (t - starts_t) * rate
         starts_t = t
-        starting = [(i, r) for i, r in starting if r in st[i].replicas]
+        starting = [(i, r) for i, r in starting if not r.draining]
 
     def schedule_starts(t: float) -> None:
-        """One event at the next shared start-up's end (those scheduled before are stale)."""
+        """One event at the next start-up's end (those scheduled before are stale: ``starts_version``)."""
         nonlocal seq, starts_version
         starts_version += 1
         if starting:
             rate = startup_rate(len(starting), config.startup_slots)
             seq += 1
             ends = t + max(0.0, min(r.left_s for _, r in starting)) / rate
-            heapq.heappush(events, (ends, seq, _READY, -1, None, starts_version))
+            heapq.heappush(events, (ends, seq, _READY, -1, starts_version, 0.0))
 
     def ready(i: int, r: _Replica, t: float) -> None:
         r.ready = True
@@ -365,30 +365,24 @@ def simulate(
             add = s.target - have
             if gpu > 0 and free < math.inf:
                 add = min(add, int(free / gpu + 1e-9))
-            if slots and add > 0:
+            if add > 0:
                 advance_starts(t)
-            for _ in range(max(0, add)):
-                r = _Replica(s.pending if shared else _Queue(), False)
-                s.replicas.append(r)
-                if slots:
+                for _ in range(add):
+                    r = _Replica(s.pending if shared else _Queue(), False)
                     r.left_s = config.startup_s
+                    s.replicas.append(r)
                     starting.append((i, r))
-                else:
-                    seq += 1
-                    heapq.heappush(events, (t + config.startup_s, seq, _READY, i, r, 0.0))
-            if slots and add > 0:
                 schedule_starts(t)
             s.changed()
             route(i, t)
         elif s.target < len(serving):
             order = sorted(serving, key=lambda r: (r.ready, r.running + (0 if shared else r.queue.count)))
-            stopped_starting = False
-            for r in order[: len(serving) - s.target]:
+            stopped = order[: len(serving) - s.target]
+            for r in stopped:
                 r.draining = True
                 if not r.busy and (shared or not r.queue.count):
                     s.replicas.remove(r)
-                    stopped_starting |= not r.ready
-            if slots and stopped_starting:  # the others' start-ups speed up
+            if any(not r.ready for r in stopped):  # the other start-ups may speed up
                 advance_starts(t)
                 schedule_starts(t)
             s.changed()
@@ -432,19 +426,16 @@ def simulate(
             ai += 1
         else:
             _, _, kind, i, what, dur = heapq.heappop(events)
-            if kind == _READY and i < 0:  # the next shared start-up's end, unless the set changed since
-                if dur == starts_version:
+            if kind == _READY:  # the next start-up's end, unless the starting replicas changed since
+                if what == starts_version:
                     advance_starts(t)
-                    for j, r in [(j, r) for j, r in starting if r.left_s <= 1e-9]:
-                        starting.remove((j, r))
+                    done = [(j, r) for j, r in starting if r.left_s <= 1e-9]
+                    starting = [(j, r) for j, r in starting if r.left_s > 1e-9]
+                    for j, r in done:
                         ready(j, r, t)
                     schedule_starts(t)
                 continue
             s = st[i]
-            if kind == _READY:
-                if what in s.replicas:  # not stopped while it started
-                    ready(i, what, t)
-                continue
             r, ids = what
             r.busy, r.running = False, 0
             s.completed += len(ids)

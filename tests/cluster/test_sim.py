@@ -68,35 +68,6 @@ def test_mmc_mean_latency_and_littles_law() -> None:
     assert np.mean(fixed.in_system) == pytest.approx(30.0 * w_routed, rel=0.08)
 
 
-class StepUp:
-    """One replica until ``at_s``, then two."""
-
-    name = "step-up"
-
-    def __init__(self, at_s: float) -> None:
-        self.at_s = at_s
-
-    def decide(self, snapshot: Snapshot) -> list[int]:
-        return [2 if snapshot.time_s >= self.at_s else 1]
-
-
-def test_a_new_replica_gets_only_new_requests() -> None:
-    """A backlog queued at the one replica stays there under Serve's routing (a new replica gets the requests
-    that arrive once it is ready); on a shared queue the new replica takes half of it."""
-    stage = StageModel("s", fixed_ms=0.0, per_sample_ms=100.0, max_batch_size=1, min_replicas=1, max_replicas=2)
-    times = np.concatenate([np.zeros(50), [2.5, 2.5]])  # a burst of 50 at 0 s, two more once B is ready (2 s)
-    runs = {
-        routing: simulate([stage], times, StepUp(0.5), 10.0, SimConfig(startup_s=1.0, routing=routing))
-        for routing in ("replicas", "shared")
-    }
-    routed, shared = runs["replicas"].finish_s, runs["shared"].finish_s
-    assert routed[:50].max() == pytest.approx(5.0)  # 50 x 100 ms on replica A
-    assert routed[50:].max() == pytest.approx(2.7)  # the late two go to B (idle), one after the other: 2.6, 2.7
-    # decided at the 1 s tick, B is ready at 2 s with 30 of the burst still queued; shared, each takes 15 of them
-    assert shared[:50].max() == pytest.approx(3.5)
-    assert runs["replicas"].replicas[-1].tolist() == [2]
-
-
 class Targets:
     """Sets the one stage's replicas to ``plan[t]`` from tick ``t`` on (the last entry at or before it)."""
 
@@ -107,6 +78,23 @@ class Targets:
 
     def decide(self, snapshot: Snapshot) -> list[int]:
         return [self.plan[max(t for t in self.plan if t <= snapshot.time_s)]]
+
+
+def test_a_new_replica_gets_only_new_requests() -> None:
+    """A backlog queued at the one replica stays there under Serve's routing (a new replica gets the requests
+    that arrive once it is ready); on a shared queue the new replica takes half of it."""
+    stage = StageModel("s", fixed_ms=0.0, per_sample_ms=100.0, max_batch_size=1, min_replicas=1, max_replicas=2)
+    times = np.concatenate([np.zeros(50), [2.5, 2.5]])  # a burst of 50 at 0 s, two more once B is ready (2 s)
+    runs = {
+        routing: simulate([stage], times, Targets({0.0: 1, 0.5: 2}), 10.0, SimConfig(startup_s=1.0, routing=routing))
+        for routing in ("replicas", "shared")
+    }
+    routed, shared = runs["replicas"].finish_s, runs["shared"].finish_s
+    assert routed[:50].max() == pytest.approx(5.0)  # 50 x 100 ms on replica A
+    assert routed[50:].max() == pytest.approx(2.7)  # the late two go to B (idle), one after the other: 2.6, 2.7
+    # decided at the 1 s tick, B is ready at 2 s with 30 of the burst still queued; shared, each takes 15 of them
+    assert shared[:50].max() == pytest.approx(3.5)
+    assert runs["replicas"].replicas[-1].tolist() == [2]
 
 
 @given(st.integers(0, 64), st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 16.0]))
