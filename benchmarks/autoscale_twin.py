@@ -100,6 +100,8 @@ class TwinSetup:
     downscale_delay_s: float = 60.0
     drain_time_s: float = 10.0
     """The coordinated policy's ``drain_time_s``."""
+    target_utilisation: float = 0.7
+    """The coordinated policy's ``target_utilisation`` (:class:`cluster.policy.PolicyConfig`'s default)."""
     metrics_interval_s: float = 10.0
     look_back_period_s: float = 30.0
     """Serve's defaults; the tests shorten them."""
@@ -271,6 +273,7 @@ def twin_config(plan: Any, uri: str, setup: TwinSetup, policy: str, port: int) -
             upscale_delay_s=setup.upscale_delay_s,
             downscale_delay_s=setup.downscale_delay_s,
             drain_time_s=setup.drain_time_s,
+            target_utilisation=setup.target_utilisation,
         )
     config = serve_config(uri, app_name=APP, host="127.0.0.1", port=port, autoscaling_policy=section, **app_args(setup))
     for d in config["applications"][0]["deployments"]:
@@ -420,6 +423,7 @@ def run_sim(
         upscale_delay_s=setup.upscale_delay_s,
         downscale_delay_s=setup.downscale_delay_s,
         drain_time_s=setup.drain_time_s,
+        target_utilisation=setup.target_utilisation,
     )
     ray = RayDefaultConfig(upscale_delay_s=setup.upscale_delay_s, downscale_delay_s=setup.downscale_delay_s)
     controller: Any = (
@@ -665,6 +669,9 @@ def main() -> None:
     parser.add_argument("--upscale-delay-s", type=float, default=TwinSetup.upscale_delay_s)
     parser.add_argument("--downscale-delay-s", type=float, default=TwinSetup.downscale_delay_s)
     parser.add_argument("--slo-ms", type=float, default=TwinSetup.slo_ms)
+    parser.add_argument(
+        "--target-utilisation", type=float, default=TwinSetup.target_utilisation, help="The coordinated policy's."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON report.")
     parser.add_argument("--plot", type=Path, help="PNG: replicas and p99 over time, live and simulated.")
@@ -688,6 +695,7 @@ def main() -> None:
         upscale_delay_s=a.upscale_delay_s,
         downscale_delay_s=a.downscale_delay_s,
         slo_ms=a.slo_ms,
+        target_utilisation=a.target_utilisation,
     )
     if a.resimulate is not None:
         report = json.loads(a.resimulate.read_text())

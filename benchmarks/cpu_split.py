@@ -60,7 +60,7 @@ async def measure(plan_uri: str, setup: str, concurrency: int, duration_s: float
     )
     for s, title in spent[:10]:
         print(f"  {1e3 * s / result.requests:6.2f} ms/request  {title}")
-    if setup != "serve-whole":
+    if setup not in bench.WHOLE_SETUPS:
         for f in await bench.stage_figures("split", plan, start, end):
             print(f"  stage {f['stage']}: {f['utilisation']:.0%} busy, {f['batch_samples']:.1f} samples per batch")
 
@@ -68,7 +68,7 @@ async def measure(plan_uri: str, setup: str, concurrency: int, duration_s: float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("plan")
-    parser.add_argument("--setup", choices=["partserve", "serve-whole", "serve-chain"], default="partserve")
+    parser.add_argument("--setup", choices=list(bench.SERVE_SETUPS), default="partserve")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("-O", dest="options", action="append", default=[], help="AppArgs field, key=value")

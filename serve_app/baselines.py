@@ -2,8 +2,8 @@
 Ray Serve user would write it and configured on the same terms as partserve (:class:`SetupConfig`).
 
 * :class:`WholeModel`: the whole model in one deployment, ``@serve.batch`` sized like partserve's batches,
-  its replica given the machine's cores (``num_cpus``, so Ray sets the torch threads to match); exported to
-  ONNX Runtime when the plan's stages run there.
+  its replica given the machine's cores (``num_cpus``, so Ray sets the torch threads to match), or one
+  replica per core with one thread each; exported to ONNX Runtime when the plan's stages run there.
 * :class:`PlainChain`: one deployment per stage (the same :class:`~serve_app.stage.StageDeployment`s as
   partserve, with the same batching and threads), chained per request by DeploymentResponse, with no batching
   before the first stage.
@@ -61,6 +61,8 @@ class SetupConfig:
     in_flight_batches: int | None
     """Batches partserve's entrance keeps in the pipeline at once (None: not bounded by the setup)."""
     access_log: bool
+    replicas: int = 1
+    """Replicas of the deployment (setups with stages: of each stage)."""
     engine: str = EAGER
     """What runs the model: each stage's engine from the plan (setups with stages: the plan's ``engine``), or,
     for the whole model, ``onnxruntime`` (the whole model exported as the stages are) when stages run there."""
@@ -138,10 +140,11 @@ class PlainChain:
 
 
 def whole_model_app(plan_uri: str, config: SetupConfig) -> Application:
-    """:class:`WholeModel` with ``config``'s batch, wait, threads and CPUs."""
+    """:class:`WholeModel` with ``config``'s replicas, batch, wait, threads and CPUs."""
     return (
         as_deployment(WholeModel)
         .options(
+            num_replicas=config.replicas,
             ray_actor_options={"num_cpus": config.replica_cpus},
             max_ongoing_requests=config.max_ongoing_requests,
             logging_config={"enable_access_log": config.access_log},

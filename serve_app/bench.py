@@ -7,7 +7,8 @@
     costs before any serving), and at one request's size with the stage replicas' threads (the latency an
     idle pipeline could reach);
 (b) ``serve-whole``: plain Ray Serve, the whole model in one deployment with ``@serve.batch``, its replica
-    given all cores;
+    given all cores; ``serve-replicas``: the same deployment with one replica per core, each given one core
+    (the other way a Serve user spends the cores: replicas instead of threads);
 (c) ``serve-chain``: plain Ray Serve, one deployment per stage, ``@serve.batch`` each with partserve's stage
     batch and wait and threads, chained per request;
 (d) ``partserve``: the pipeline (batches formed at the entrance, several in flight across the stages).
@@ -51,8 +52,11 @@ from serve_app.loadgen import Call, RunResult, closed_loop, open_loop
 from serve_app.names import stage_name
 from serve_app.ports import free_port
 
-SETUPS = ("torch", "torch-onnxruntime", "torch-stages", "serve-whole", "serve-chain", "partserve")
-SERVE_SETUPS = ("serve-whole", "serve-chain", "partserve")
+SETUPS = ("torch", "torch-onnxruntime", "torch-stages", "serve-whole", "serve-replicas", "serve-chain", "partserve")
+BASELINES = ("serve-whole", "serve-replicas", "serve-chain")
+"""The plain Serve setups partserve is compared with, at every level and best against best."""
+SERVE_SETUPS = (*BASELINES, "partserve")
+WHOLE_SETUPS = ("serve-whole", "serve-replicas")
 
 
 @dataclass
@@ -164,6 +168,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
     * ``partserve``: as ``args`` builds it (stage threads: ``torch_threads``, else Ray's one per reserved CPU);
     * ``serve-whole``: partserve's batch size and wait in ``@serve.batch``; the replica reserves every core
       and runs that many torch threads, as ``num_cpus`` gives a Serve user's replica;
+    * ``serve-replicas``: the same, one replica per core, each reserving one core and running one thread;
     * ``serve-chain``: partserve's stage deployments with partserve's stage batch, wait and threads,
       ``max_ongoing_requests`` 2x the batch;
     and the access log as ``args`` has it (off by default) everywhere."""
@@ -172,19 +177,20 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
     stage_threads = stage.torch_threads or max(1, int(args.num_cpus))
     common = {"access_log": args.access_log}
     whole_engine = ONNXRUNTIME if any(s.engine.name == ONNXRUNTIME for s in plan.stages) else EAGER
+    whole = {
+        "max_batch_size": batch,
+        "batch_wait_s": wait_s,
+        "stage_max_batch_size": None,
+        "stage_batch_wait_s": None,
+        "max_ongoing_requests": 64,
+        "in_flight_batches": None,
+        "engine": whole_engine,
+        **common,
+    }
     return {
-        "serve-whole": SetupConfig(
-            setup="serve-whole",
-            torch_threads=cores,
-            replica_cpus=float(cores),
-            max_batch_size=batch,
-            batch_wait_s=wait_s,
-            stage_max_batch_size=None,
-            stage_batch_wait_s=None,
-            max_ongoing_requests=64,
-            in_flight_batches=None,
-            engine=whole_engine,
-            **common,
+        "serve-whole": SetupConfig(setup="serve-whole", torch_threads=cores, replica_cpus=float(cores), **whole),
+        "serve-replicas": SetupConfig(
+            setup="serve-replicas", torch_threads=1, replica_cpus=1.0, replicas=cores, **whole
         ),
         "serve-chain": SetupConfig(
             setup="serve-chain",
@@ -221,7 +227,10 @@ def serve_setups(
     """The Serve setups (b)-(d) by name: their configuration and application builder."""
     configs = setup_configs(plan, args, cores or os.cpu_count() or 1)
     return {
-        "serve-whole": (configs["serve-whole"], lambda: whole_model_app(args.plan_uri, configs["serve-whole"])),
+        **{
+            name: (configs[name], lambda name=name: whole_model_app(args.plan_uri, configs[name]))
+            for name in WHOLE_SETUPS
+        },
         "serve-chain": (configs["serve-chain"], lambda: plain_chain_app(args.plan_uri, configs["serve-chain"])),
         "partserve": (configs["partserve"], lambda: build_app(args)),
     }
@@ -291,7 +300,7 @@ async def compare(
                 rows.append(
                     {"setup": name, "path": "handle", **result.row(), **config.row(), "first_error": result.first_error}
                 )
-            if name != "serve-whole":
+            if name not in WHOLE_SETUPS:
                 stages[name] = await stage_figures(app_name, plan, start, time.time())
             if load.http_level and len(plan.inputs) == 1:
                 url = f"http://127.0.0.1:{port}{http_path(name, plan, args)}"
@@ -345,11 +354,7 @@ def summary(rows: list[dict[str, object]], slo_ms: float | None = None) -> dict[
     def tput(setup: str, source: dict[str, dict[str, object]]) -> float:
         return _f(source[setup], "throughput_samples_per_s") if setup in source else float("nan")
 
-    reference = {
-        "torch": tput("torch", best),
-        "serve-whole": tput("serve-whole", best),
-        "serve-chain": tput("serve-chain", best),
-    }
+    reference = {s: tput(s, best) for s in ("torch", *BASELINES)}
     best_rows = [
         {
             "setup": s,
@@ -369,8 +374,8 @@ def summary(rows: list[dict[str, object]], slo_ms: float | None = None) -> dict[
         for s, r in here.items():
             entry[s] = {k: r.get(k) for k in ("throughput_samples_per_s", "p50_ms", "p99_ms")}
         mine = tput("partserve", here)
-        entry["partserve_vs_serve_whole"] = mine / tput("serve-whole", here)
-        entry["partserve_vs_serve_chain"] = mine / tput("serve-chain", here)
+        for base in BASELINES:
+            entry[f"partserve_vs_{base.replace('-', '_')}"] = mine / tput(base, here)
         at_level.append(entry)
     if slo_ms is None and "torch" in bounds:
         slo_ms = 4 * _f(bounds["torch"], "p50_ms")

@@ -57,7 +57,12 @@ def _write(rows: list[dict[str, Any]], parquet: str | None, plot: str | None) ->
 
 @click.command()
 @click.argument("target", required=False)
-@click.option("--compare", is_flag=True, help="Measure torch alone, plain Serve (whole, chained) and partserve.")
+@click.option(
+    "--compare",
+    is_flag=True,
+    help="Measure torch alone, plain Serve (the whole model in one replica or one per core; chained stages) and "
+    "partserve.",
+)
 @click.option("--url", help="Benchmark a running server over HTTP (e.g. http://127.0.0.1:8000).")
 @click.option("--app", "app_name", help="Benchmark a running Serve app through its Python handle.")
 @click.option("--address", default="auto", show_default=True, help="Ray cluster of --app.")
@@ -117,10 +122,10 @@ def bench(
     if sum(map(bool, (compare, url, app_name))) != 1:
         raise PartserveError("say what to measure", "pass one of --compare, --url URL or --app NAME")
     if compare:
-        from partserve.cli.serving import resolve_plan
+        from partserve.cli.serving import default_stages, resolve_plan
         from serve_app.app import AppArgs
 
-        uri = resolve_plan(target, 4, 8, not as_json)
+        uri = resolve_plan(target, default_stages(), 8, not as_json)
         args = AppArgs(plan_uri=uri, num_cpus=0, max_batch_size=max_batch_size, entrance_replicas=entrance_replicas)
         report = (lambda step: None) if as_json else (lambda step: err_console.print(f"measuring {step} ..."))
         out = asyncio.run(b.compare(uri, load, args, report))
@@ -177,10 +182,18 @@ def _level_cell(figures: dict[str, Any] | None) -> str:
     return f"{_num(t)} ({_num(p50, 0)}/{_num(p99, 0)})"
 
 
+def _key(setup: str) -> str:
+    """A setup's name as it appears in the summary's keys: ``serve-whole`` -> ``serve_whole``."""
+    return setup.replace("-", "_")
+
+
 def _print_summary(out: dict[str, Any]) -> None:
     """The comparison's tables: configurations, best against best, equal load, SLO, idle latency, HTTP."""
+    from serve_app.bench import BASELINES, SERVE_SETUPS
+
     s = out["summary"]
     keys = [
+        "replicas",
         "torch_threads",
         "replica_cpus",
         "max_batch_size",
@@ -205,7 +218,7 @@ def _print_summary(out: dict[str, Any]) -> None:
     console.print(
         table(
             "best throughput of each setup (handles)",
-            ["setup", "samples/s", "in flight", "p50 ms", "p99 ms", "vs torch", "vs serve-whole", "vs serve-chain"],
+            ["setup", "samples/s", "in flight", "p50 ms", "p99 ms", "vs torch", *(f"vs {b}" for b in BASELINES)],
             [
                 [
                     r["setup"],
@@ -214,24 +227,22 @@ def _print_summary(out: dict[str, Any]) -> None:
                     _num(r["p50_ms"]),
                     _num(r["p99_ms"]),
                     _num(r["vs_torch"], 2),
-                    _num(r["vs_serve_whole"], 2),
-                    _num(r["vs_serve_chain"], 2),
+                    *(_num(r[f"vs_{_key(b)}"], 2) for b in BASELINES),
                 ]
                 for r in s["best"]
             ],
         )
     )
-    setups = [n for n in ("serve-whole", "serve-chain", "partserve") if n in configs]
+    setups = [n for n in SERVE_SETUPS if n in configs]
     console.print(
         table(
             "at equal load (samples/s, p50/p99 ms)",
-            ["in flight", *setups, "partserve / whole", "partserve / chain"],
+            ["in flight", *setups, *(f"partserve / {b}" for b in BASELINES)],
             [
                 [
                     str(e["level"]),
                     *(_level_cell(e.get(n)) for n in setups),
-                    _num(e["partserve_vs_serve_whole"], 2),
-                    _num(e["partserve_vs_serve_chain"], 2),
+                    *(_num(e[f"partserve_vs_{_key(b)}"], 2) for b in BASELINES),
                 ]
                 for e in s["at_level"]
             ],

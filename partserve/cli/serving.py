@@ -18,7 +18,24 @@ if TYPE_CHECKING:
     from partitions.plan import Plan
 
 DEFAULT_MODEL = "demo-transformer"
-DEFAULT_STAGES = 4
+MIN_DEFAULT_STAGES, MAX_DEFAULT_STAGES = 2, 4
+
+
+def stages_for_devices(devices: int) -> int:
+    """Stages to cut a MODEL into when none is asked: one per device that runs a stage at once, from 2 (a
+    pipeline) to 4. More stages than devices only add hops between processes that then take turns on the
+    same device: on 2 CPU cores the demo transformer served 96-100 samples/s in 4 stages and 101-115 in 2,
+    with an idle request's p50 at 44-45 ms and 34-40 ms (BENCHMARKS.md, "Stages per device")."""
+    return max(MIN_DEFAULT_STAGES, min(MAX_DEFAULT_STAGES, devices))
+
+
+def default_stages() -> int:
+    """:func:`stages_for_devices` of this machine: its GPUs, or without CUDA its CPU cores (each stage
+    replica runs one torch thread on CPU)."""
+    import torch
+
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
+    return stages_for_devices(devices)
 
 
 def cache_root() -> str:
@@ -217,9 +234,7 @@ def with_scaling(fn):
 @click.option(
     "--stages",
     type=click.IntRange(min=1),
-    default=DEFAULT_STAGES,
-    show_default=True,
-    help="Stages when planning MODEL.",
+    help="Stages when planning MODEL (default: one per GPU, or per CPU core without CUDA; 2 to 4).",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("-O", "--model-option", "model_opts", multiple=True, help="Model option KEY=VALUE when planning MODEL.")
@@ -232,7 +247,7 @@ def with_scaling(fn):
 @domain_errors
 def run(
     target: str | None,
-    stages: int,
+    stages: int | None,
     batch_size: int,
     model_opts: tuple[str, ...],
     address: str | None,
@@ -255,6 +270,7 @@ def run(
     names: list[str] | None = None
     say = (lambda text: None) if as_json else (lambda text: err_console.print(text, highlight=False))
     try:
+        stages = stages or default_stages()
         uri = resolve_plan(target, stages, batch_size, not as_json, parse_pairs(model_opts, "-O"))
         plan = read_plan(uri)
         for note in plan.model.get("notes", []):

@@ -137,7 +137,7 @@ def test_run_stops_on_sigterm_while_starting(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # five setups, each on a fresh local Ray
-def test_bench_compare_measures_four_setups(plan_dir: str, tmp_path: Path) -> None:
+def test_bench_compare_measures_every_setup(plan_dir: str, tmp_path: Path) -> None:
     parquet, plot = tmp_path / "bench.parquet", tmp_path / "bench.png"
     args = ["--concurrency", "1,4", "--duration-s", "0.5", "--warmup-s", "0.2", "--http-level", "2"]
     args += ["--out", str(parquet)]
@@ -151,15 +151,16 @@ def test_bench_compare_measures_four_setups(plan_dir: str, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)  # stdout is the report alone, nothing of Ray's
     summary = {s["setup"]: s for s in out["summary"]["best"]}
-    assert list(summary) == ["torch", "torch-stages", "serve-whole", "serve-chain", "partserve"]
+    assert list(summary) == ["torch", "torch-stages", "serve-whole", "serve-replicas", "serve-chain", "partserve"]
     assert summary["serve-whole"]["vs_serve_whole"] == 1.0 and summary["torch"]["vs_torch"] == 1.0
     assert [e["level"] for e in out["summary"]["at_level"]] == [1, 4]
-    assert set(out["summary"]["http"]) == {"serve-whole", "serve-chain", "partserve"}
+    assert set(out["summary"]["http"]) == {"serve-whole", "serve-replicas", "serve-chain", "partserve"}
     served = [row for row in out["rows"] if row["mode"] == "closed"]
     # Per setup: two levels through handles and one over HTTP, each with the setup's configuration.
-    assert len(served) == 3 * 3 and all(row["requests"] > 0 and row["errors"] == 0 for row in served)
+    assert len(served) == 4 * 3 and all(row["requests"] > 0 and row["errors"] == 0 for row in served)
     assert all(row["cfg_access_log"] is False and row["cfg_torch_threads"] >= 1 for row in served)
     assert out["configs"]["serve-whole"]["torch_threads"] == out["cores"]
+    assert out["configs"]["serve-replicas"]["replicas"] == out["cores"]
     for setup in ("serve-chain", "partserve"):
         figures = out["stage_figures"][setup]
         assert [f["stage"] for f in figures] == [0, 1] and all(f["batches"] > 0 for f in figures)

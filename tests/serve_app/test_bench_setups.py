@@ -17,6 +17,10 @@ def test_baselines_get_partserves_batch_threads_and_log(mlp: PlannedModel) -> No
     assert (whole.torch_threads, whole.replica_cpus) == (2, 2.0)
     # It batches like partserve's entrance: same samples per batch, same wait.
     assert (whole.max_batch_size, whole.batch_wait_s) == (mine.max_batch_size, mine.batch_wait_s)
+    # Or the cores go to replicas: one per core, one core and one thread each, batching the same way.
+    replicas = configs["serve-replicas"]
+    assert (replicas.replicas, replicas.replica_cpus, replicas.torch_threads, whole.replicas) == (2, 1.0, 1, 1)
+    assert (replicas.max_batch_size, replicas.batch_wait_s) == (whole.max_batch_size, whole.batch_wait_s)
     assert mine.max_batch_size == mlp.plan.batch_size and mine.batch_wait_s == batch_wait_s(mlp.plan, args)
     # The chain's stages batch, wait and thread as partserve's stages; max_ongoing_requests 2x the batch.
     assert (chain.stage_max_batch_size, chain.stage_batch_wait_s) == (mine.stage_max_batch_size, 0.0)
@@ -50,6 +54,8 @@ def test_summary_compares_at_equal_load_and_under_the_slo() -> None:
         row("torch-stages", 1, 25.0, 40.0, float("nan"), "bound-latency"),
         row("serve-whole", 1, 20.0, 50.0, 60.0),
         row("serve-whole", 16, 60.0, 250.0, 300.0),
+        row("serve-replicas", 1, 24.0, 42.0, 55.0),
+        row("serve-replicas", 16, 75.0, 200.0, 260.0),
         row("serve-chain", 1, 18.0, 55.0, 70.0),
         row("serve-chain", 16, 30.0, 500.0, 900.0),
         row("partserve", 1, 22.0, 44.0, 50.0),
@@ -62,6 +68,8 @@ def test_summary_compares_at_equal_load_and_under_the_slo() -> None:
     (one, sixteen) = s["at_level"]
     assert one["partserve_vs_serve_whole"] == pytest.approx(1.1)  # 22 / 20, at the same level
     assert sixteen["partserve_vs_serve_whole"] == pytest.approx(1.1)  # 66 / 60
+    assert sixteen["partserve_vs_serve_replicas"] == pytest.approx(0.88)  # 66 / 75
+    assert best["partserve"]["vs_serve_replicas"] == pytest.approx(0.88)
     assert s["slo_ms"] == pytest.approx(320.0)  # 4 x the torch bound's 80 ms batch
     assert s["slo"]["partserve"]["throughput_samples_per_s"] == 22.0  # p99 400 > 320 at 16 in flight
     assert s["slo"]["serve-whole"]["throughput_samples_per_s"] == 60.0
