@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cluster.policy import PolicyConfig
+
 REPO = Path(__file__).resolve().parent.parent
 APP = "twin"
 ALIVE = {"STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION", "STOPPING"}
@@ -100,8 +102,8 @@ class TwinSetup:
     downscale_delay_s: float = 60.0
     drain_time_s: float = 10.0
     """The coordinated policy's ``drain_time_s``."""
-    target_utilisation: float = 0.7
-    """The coordinated policy's ``target_utilisation`` (:class:`cluster.policy.PolicyConfig`'s default)."""
+    target_utilisation: float = PolicyConfig.target_utilisation
+    """The coordinated policy's ``target_utilisation`` (reports from before it was recorded ran at 0.7)."""
     metrics_interval_s: float = 10.0
     look_back_period_s: float = 30.0
     """Serve's defaults; the tests shorten them."""
@@ -700,6 +702,7 @@ def main() -> None:
     if a.resimulate is not None:
         report = json.loads(a.resimulate.read_text())
         fields = {k: v for k, v in report["setup"].items() if k in TwinSetup.__dataclass_fields__}
+        fields.setdefault("target_utilisation", 0.7)  # the policy's default when it was not yet recorded
         setup = TwinSetup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         report = simulate_runs(report, setup, a.routing, startup_slots=a.startup_slots)
     else:

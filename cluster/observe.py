@@ -18,14 +18,16 @@ Serve's metrics path (``ray/serve/_private/router.py``, ``replica.py``, ``autosc
 :class:`DeploymentMetrics` is one context's content; :func:`pipeline_observation` reads the stages' queues
 (newest raw points of :data:`~serve_app.names.QUEUED_METRIC` and :data:`~serve_app.names.RUNNING_METRIC`,
 with their time), their service time, and the arrival rate from the entrance's counter
-(:data:`~serve_app.names.ARRIVED_METRIC`, differenced between its two newest points; 0 until it has two points,
-so the first seconds size stages from their queues alone). Where a stage's custom metrics are missing it falls
+(:data:`~serve_app.names.ARRIVED_METRIC`: over its window of points while the newest interval agrees with the
+ones before it, else over the newest interval alone, :func:`counter_rate`; 0 until it has two points, so the
+first seconds size stages from their queues alone). Where a stage's custom metrics are missing it falls
 back to Serve's window aggregates, as Ray's own policy reads them; without an entrance the policy estimates the
 rate from the first stage's flow.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +36,9 @@ from serve_app.names import ARRIVED_METRIC, FULL_BATCH_METRIC, QUEUED_METRIC, RU
 
 Series = Sequence[tuple[float, float]]
 """``(timestamp_s, value)`` points, oldest first."""
+CHANGE_SIGMAS = 3.0
+"""How far (in Poisson standard deviations) a counter's newest interval must be from its window's rate to
+be read as a change of load (:func:`counter_rate`)."""
 
 
 @dataclass(frozen=True)
@@ -60,18 +65,35 @@ def newest(series: Sequence[Series]) -> tuple[float, float] | None:
     return sum(v for _, v in points), sum(t for t, _ in points) / len(points)
 
 
-def counter_rate(series: Sequence[Series]) -> tuple[float, float | None] | None:
-    """Rate of a per-replica counter: each replica's two newest points differenced, summed over replicas; and
-    the newest point's time. None: no replica has two points. A counter that went down (a restarted replica)
-    counts from 0."""
+def counter_rate(series: Sequence[Series], band_sigmas: float = CHANGE_SIGMAS) -> tuple[float, float | None] | None:
+    """Rate of a per-replica counter, summed over replicas, and the newest point's time. None: no replica
+    has two points. A counter that went down (a restarted replica) counts from 0.
+
+    Per replica, the rate over all its points since it last restarted (Serve keeps a look-back window of
+    them), unless the newest interval's count lies more than ``band_sigmas`` standard deviations from what
+    the interval before it predicts (their rate over that time, the counts taken as Poisson events in the
+    counter's own units): then the load has changed and the newest interval's rate is taken alone. So a
+    step is seen in one interval, while a steady load is read over the whole window instead of from the
+    noise of its newest interval."""
     rates, times = [], []
     for s in series:
         if len(s) < 2:
             continue
         (t0, v0), (t1, v1) = s[-2], s[-1]
-        if t1 > t0:
-            rates.append((v1 - v0 if v1 >= v0 else v1) / (t1 - t0))
-            times.append(t1)
+        if t1 <= t0:
+            continue
+        newest_count = v1 - v0 if v1 >= v0 else v1
+        rate = newest_count / (t1 - t0)
+        start = len(s) - 2  # the oldest point of the run of points since the last restart
+        while start > 0 and s[start - 1][1] <= s[start][1] and s[start - 1][0] < s[start][0]:
+            start -= 1
+        ta, va = s[start]
+        if start < len(s) - 2 and v1 >= v0:
+            expected = (v0 - va) / (t0 - ta) * (t1 - t0)
+            if abs(newest_count - expected) <= band_sigmas * math.sqrt(max(expected, 1.0)):
+                rate = (v1 - va) / (t1 - ta)
+        rates.append(rate)
+        times.append(t1)
     return (sum(rates), max(times)) if rates else None
 
 

@@ -60,8 +60,8 @@ class Coordinated:
         return {
             "observation": {
                 **self.metrics.describe(),
-                "signals": "entrance arrival counter (rate from its two newest points), stage queued/running "
-                "and full-batch time (newest points of each replica's custom metrics)",
+                "signals": "entrance arrival counter (rate over its window, or its newest interval on a change), "
+                "stage queued/running and full-batch time (newest points of each replica's custom metrics)",
             },
             "upscale_delay_s": self.config.upscale_delay_s,
             "downscale_delay_s": self.config.downscale_delay_s,

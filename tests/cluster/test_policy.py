@@ -125,7 +125,9 @@ def test_validators_show_values() -> None:
 
 
 def _pipeline(n: int = 3, **kw) -> PolicyConfig:
-    return PolicyConfig(stages=tuple(StageSpec(f"s{i}", 100.0 * (i + 1), max_replicas=50) for i in range(n)), **kw)
+    """Stages of 100, 200, 300 ms at a target utilisation of 0.7 (the figures in the tests' comments)."""
+    stages = tuple(StageSpec(f"s{i}", 100.0 * (i + 1), max_replicas=50) for i in range(n))
+    return PolicyConfig(stages=stages, **{"target_utilisation": 0.7, **kw})
 
 
 def test_step_sets_all_stages_from_the_entrance_rate() -> None:

@@ -22,7 +22,8 @@ def context(
 
 def test_ray_contexts_map_onto_the_pipeline_step() -> None:
     stages = [{"name": "stage-0", "service_ms": 100.0}, {"name": "stage-1", "service_ms": 200.0}]
-    policy = _apply_app_level_autoscaling_config(PipelineAutoscalingPolicy(stages=stages, rate_smoothing=1.0))
+    pipeline = PipelineAutoscalingPolicy(stages=stages, rate_smoothing=1.0, target_utilisation=0.7)
+    policy = _apply_app_level_autoscaling_config(pipeline)
     contexts = dict([context("stage-0", 2, 8), context("stage-1", 0, 1)])
     decisions, _ = policy(contexts)
     # No entrance context (no autoscaling_config): lambda from Little's law, 8 running / 0.1 s = 80/s;
@@ -40,7 +41,7 @@ def replica(deployment: str, unique: str) -> ReplicaID:
 
 def test_raw_custom_metrics_drive_every_stage_from_the_entrance_counter() -> None:
     stages = [{"name": "stage-0", "service_ms": 100.0}, {"name": "stage-1", "service_ms": 200.0}]
-    policy = _apply_app_level_autoscaling_config(PipelineAutoscalingPolicy(stages=stages))
+    policy = _apply_app_level_autoscaling_config(PipelineAutoscalingPolicy(stages=stages, target_utilisation=0.7))
     arrived = {"arrived": {replica("entrance", "e1"): series((0.0, 0.0), (6.0, 210.0))}}  # 210 / 6 = 35/s
     idle = {
         "queued": {replica("stage-0", "a"): series((6.0, 0.0))},
