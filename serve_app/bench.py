@@ -29,7 +29,8 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import httpx
 import numpy as np
@@ -177,21 +178,22 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
     stage_threads = stage.torch_threads or max(1, int(args.num_cpus))
     common = {"access_log": args.access_log}
     whole_engine = ONNXRUNTIME if any(s.engine.name == ONNXRUNTIME for s in plan.stages) else EAGER
-    whole = {
-        "max_batch_size": batch,
-        "batch_wait_s": wait_s,
-        "stage_max_batch_size": None,
-        "stage_batch_wait_s": None,
-        "max_ongoing_requests": 64,
-        "in_flight_batches": None,
-        "engine": whole_engine,
+    whole = SetupConfig(
+        setup="serve-whole",
+        torch_threads=cores,
+        replica_cpus=float(cores),
+        max_batch_size=batch,
+        batch_wait_s=wait_s,
+        stage_max_batch_size=None,
+        stage_batch_wait_s=None,
+        max_ongoing_requests=64,
+        in_flight_batches=None,
+        engine=whole_engine,
         **common,
-    }
+    )
     return {
-        "serve-whole": SetupConfig(setup="serve-whole", torch_threads=cores, replica_cpus=float(cores), **whole),
-        "serve-replicas": SetupConfig(
-            setup="serve-replicas", torch_threads=1, replica_cpus=1.0, replicas=cores, **whole
-        ),
+        "serve-whole": whole,
+        "serve-replicas": replace(whole, setup="serve-replicas", torch_threads=1, replica_cpus=1.0, replicas=cores),
         "serve-chain": SetupConfig(
             setup="serve-chain",
             torch_threads=stage_threads,
@@ -227,10 +229,7 @@ def serve_setups(
     """The Serve setups (b)-(d) by name: their configuration and application builder."""
     configs = setup_configs(plan, args, cores or os.cpu_count() or 1)
     return {
-        **{
-            name: (configs[name], lambda name=name: whole_model_app(args.plan_uri, configs[name]))
-            for name in WHOLE_SETUPS
-        },
+        **{name: (configs[name], partial(whole_model_app, args.plan_uri, configs[name])) for name in WHOLE_SETUPS},
         "serve-chain": (configs["serve-chain"], lambda: plain_chain_app(args.plan_uri, configs["serve-chain"])),
         "partserve": (configs["partserve"], lambda: build_app(args)),
     }
