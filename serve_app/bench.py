@@ -60,6 +60,11 @@ SERVE_SETUPS = (*BASELINES, "partserve")
 WHOLE_SETUPS = ("serve-whole", "serve-replicas")
 
 
+def summary_key(setup: str) -> str:
+    """A setup's name in the keys of :func:`summary`'s ratios: ``serve-whole`` -> ``serve_whole``."""
+    return setup.replace("-", "_")
+
+
 @dataclass
 class Load:
     concurrency: list[int]
@@ -361,7 +366,7 @@ def summary(rows: list[dict[str, object]], slo_ms: float | None = None) -> dict[
             "at_level": r.get("level"),
             "p50_ms": r.get("p50_ms"),
             "p99_ms": r.get("p99_ms"),
-            **{f"vs_{k.replace('-', '_')}": tput(s, best) / v for k, v in reference.items()},
+            **{f"vs_{summary_key(k)}": tput(s, best) / v for k, v in reference.items()},
         }
         for s, r in ((s, best[s]) for s in SETUPS if s in best)
     ]
@@ -374,7 +379,7 @@ def summary(rows: list[dict[str, object]], slo_ms: float | None = None) -> dict[
             entry[s] = {k: r.get(k) for k in ("throughput_samples_per_s", "p50_ms", "p99_ms")}
         mine = tput("partserve", here)
         for base in BASELINES:
-            entry[f"partserve_vs_{base.replace('-', '_')}"] = mine / tput(base, here)
+            entry[f"partserve_vs_{summary_key(base)}"] = mine / tput(base, here)
         at_level.append(entry)
     if slo_ms is None and "torch" in bounds:
         slo_ms = 4 * _f(bounds["torch"], "p50_ms")

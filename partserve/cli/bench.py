@@ -122,10 +122,10 @@ def bench(
     if sum(map(bool, (compare, url, app_name))) != 1:
         raise PartserveError("say what to measure", "pass one of --compare, --url URL or --app NAME")
     if compare:
-        from partserve.cli.serving import default_stages, resolve_plan
+        from partserve.cli.serving import resolve_plan
         from serve_app.app import AppArgs
 
-        uri = resolve_plan(target, default_stages(), 8, not as_json)
+        uri = resolve_plan(target, None, 8, not as_json)
         args = AppArgs(plan_uri=uri, num_cpus=0, max_batch_size=max_batch_size, entrance_replicas=entrance_replicas)
         report = (lambda step: None) if as_json else (lambda step: err_console.print(f"measuring {step} ..."))
         out = asyncio.run(b.compare(uri, load, args, report))
@@ -182,14 +182,9 @@ def _level_cell(figures: dict[str, Any] | None) -> str:
     return f"{_num(t)} ({_num(p50, 0)}/{_num(p99, 0)})"
 
 
-def _key(setup: str) -> str:
-    """A setup's name as it appears in the summary's keys: ``serve-whole`` -> ``serve_whole``."""
-    return setup.replace("-", "_")
-
-
 def _print_summary(out: dict[str, Any]) -> None:
     """The comparison's tables: configurations, best against best, equal load, SLO, idle latency, HTTP."""
-    from serve_app.bench import BASELINES, SERVE_SETUPS
+    from serve_app.bench import BASELINES, SERVE_SETUPS, summary_key
 
     s = out["summary"]
     keys = [
@@ -227,7 +222,7 @@ def _print_summary(out: dict[str, Any]) -> None:
                     _num(r["p50_ms"]),
                     _num(r["p99_ms"]),
                     _num(r["vs_torch"], 2),
-                    *(_num(r[f"vs_{_key(b)}"], 2) for b in BASELINES),
+                    *(_num(r[f"vs_{summary_key(b)}"], 2) for b in BASELINES),
                 ]
                 for r in s["best"]
             ],
@@ -242,7 +237,7 @@ def _print_summary(out: dict[str, Any]) -> None:
                 [
                     str(e["level"]),
                     *(_level_cell(e.get(n)) for n in setups),
-                    *(_num(e[f"partserve_vs_{_key(b)}"], 2) for b in BASELINES),
+                    *(_num(e[f"partserve_vs_{summary_key(b)}"], 2) for b in BASELINES),
                 ]
                 for e in s["at_level"]
             ],

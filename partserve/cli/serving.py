@@ -65,10 +65,14 @@ def plan_key(spec: str, stages: int, batch_size: int, options: dict[str, Any] | 
 
 
 def resolve_plan(
-    target: str | None, stages: int, batch_size: int, show_progress: bool, options: dict[str, Any] | None = None
+    target: str | None,
+    stages: int | None,
+    batch_size: int,
+    show_progress: bool,
+    options: dict[str, Any] | None = None,
 ) -> str:
     """A plan URI for ``target``: a plan directory as given, else MODEL planned once (with model ``options``)
-    into the cache."""
+    into the cache, into ``stages`` stages (None: :func:`default_stages`)."""
     from partitions.errors import ArtifactError
     from partitions.partition import PlanOptions, build_plan
     from partitions.plan import PLAN_FILE
@@ -82,6 +86,7 @@ def resolve_plan(
         except ArtifactError:
             pass  # not a plan directory: a MODEL spec
     spec = target or DEFAULT_MODEL
+    stages = stages or default_stages()
     key = plan_key(spec, stages, batch_size, options)
     uri = os.path.join(cache_dir(), f"{os.path.basename(spec.rstrip('/')) or 'model'}-{key}")
     if os.path.exists(os.path.join(uri, PLAN_FILE)):
@@ -270,7 +275,6 @@ def run(
     names: list[str] | None = None
     say = (lambda text: None) if as_json else (lambda text: err_console.print(text, highlight=False))
     try:
-        stages = stages or default_stages()
         uri = resolve_plan(target, stages, batch_size, not as_json, parse_pairs(model_opts, "-O"))
         plan = read_plan(uri)
         for note in plan.model.get("notes", []):

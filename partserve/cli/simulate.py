@@ -132,9 +132,7 @@ def _row(name: str, s: dict[str, Any]) -> list[Any]:
     "starts on it). 0: no limit.",
 )
 @click.option("--service-cv", type=float, default=0.0, show_default=True, help="Noise on batch service times.")
-@click.option(
-    "--target-utilisation", type=float, default=PolicyConfig.target_utilisation, show_default=True
-)
+@click.option("--target-utilisation", type=float, default=PolicyConfig.target_utilisation, show_default=True)
 @click.option("--drain-time-s", type=float, default=10.0, show_default=True)
 @click.option("--upscale-delay-s", type=float, default=0.0, show_default=True)
 @click.option("--downscale-delay-s", type=float, default=120.0, show_default=True)
