@@ -104,6 +104,10 @@ class TwinSetup:
     """The coordinated policy's ``drain_time_s``."""
     target_utilisation: float = PolicyConfig.target_utilisation
     """The coordinated policy's ``target_utilisation`` (reports from before it was recorded ran at 0.7)."""
+    rate_noise_sigmas: float = PolicyConfig.rate_noise_sigmas
+    """The coordinated policy's ``rate_noise_sigmas`` (reports from before it was recorded ran at 0)."""
+    max_starting: int | None = None
+    """The coordinated policy's ``max_starting``."""
     metrics_interval_s: float = 10.0
     look_back_period_s: float = 30.0
     """Serve's defaults; the tests shorten them."""
@@ -276,6 +280,8 @@ def twin_config(plan: Any, uri: str, setup: TwinSetup, policy: str, port: int) -
             downscale_delay_s=setup.downscale_delay_s,
             drain_time_s=setup.drain_time_s,
             target_utilisation=setup.target_utilisation,
+            rate_noise_sigmas=setup.rate_noise_sigmas,
+            max_starting=setup.max_starting,
         )
     config = serve_config(uri, app_name=APP, host="127.0.0.1", port=port, autoscaling_policy=section, **app_args(setup))
     for d in config["applications"][0]["deployments"]:
@@ -426,6 +432,8 @@ def run_sim(
         downscale_delay_s=setup.downscale_delay_s,
         drain_time_s=setup.drain_time_s,
         target_utilisation=setup.target_utilisation,
+        rate_noise_sigmas=setup.rate_noise_sigmas,
+        max_starting=setup.max_starting,
     )
     ray = RayDefaultConfig(upscale_delay_s=setup.upscale_delay_s, downscale_delay_s=setup.downscale_delay_s)
     controller: Any = (
@@ -674,6 +682,13 @@ def main() -> None:
     parser.add_argument(
         "--target-utilisation", type=float, default=TwinSetup.target_utilisation, help="The coordinated policy's."
     )
+    parser.add_argument(
+        "--rate-noise-sigmas",
+        type=float,
+        default=TwinSetup.rate_noise_sigmas,
+        help="The coordinated policy's band against rate noise (standard deviations).",
+    )
+    parser.add_argument("--max-starting", type=int, help="The coordinated policy's start-up limit (default: none).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON report.")
     parser.add_argument("--plot", type=Path, help="PNG: replicas and p99 over time, live and simulated.")
@@ -698,11 +713,14 @@ def main() -> None:
         downscale_delay_s=a.downscale_delay_s,
         slo_ms=a.slo_ms,
         target_utilisation=a.target_utilisation,
+        rate_noise_sigmas=a.rate_noise_sigmas,
+        max_starting=a.max_starting,
     )
     if a.resimulate is not None:
         report = json.loads(a.resimulate.read_text())
         fields = {k: v for k, v in report["setup"].items() if k in TwinSetup.__dataclass_fields__}
-        fields.setdefault("target_utilisation", 0.7)  # the policy's default when it was not yet recorded
+        fields.setdefault("target_utilisation", 0.7)  # the policy's defaults when they were not yet recorded
+        fields.setdefault("rate_noise_sigmas", 0.0)
         setup = TwinSetup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         report = simulate_runs(report, setup, a.routing, startup_slots=a.startup_slots)
     else:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cluster.policy import PipelineObservation, StageObservation
 from serve_app.names import ARRIVED_METRIC, FULL_BATCH_METRIC, QUEUED_METRIC, RUNNING_METRIC
@@ -65,9 +66,18 @@ def newest(series: Sequence[Series]) -> tuple[float, float] | None:
     return sum(v for _, v in points), sum(t for t, _ in points) / len(points)
 
 
-def counter_rate(series: Sequence[Series], band_sigmas: float = CHANGE_SIGMAS) -> tuple[float, float | None] | None:
-    """Rate of a per-replica counter, summed over replicas, and the newest point's time. None: no replica
-    has two points. A counter that went down (a restarted replica) counts from 0.
+class CounterRate(NamedTuple):
+    rate_per_s: float
+    """Summed over replicas."""
+    sampled_at_s: float
+    """The newest point's time."""
+    events: float
+    """The counts the rate is taken over (its Poisson noise is ``1 / sqrt(events)`` of it)."""
+
+
+def counter_rate(series: Sequence[Series], band_sigmas: float = CHANGE_SIGMAS) -> CounterRate | None:
+    """Rate of a per-replica counter, summed over replicas, the newest point's time and the counts it is over.
+    None: no replica has two points. A counter that went down (a restarted replica) counts from 0.
 
     Per replica, the rate over all its points since it last restarted (Serve keeps a look-back window of
     them), unless the newest interval's count lies more than ``band_sigmas`` standard deviations from what
@@ -75,7 +85,7 @@ def counter_rate(series: Sequence[Series], band_sigmas: float = CHANGE_SIGMAS) -
     counter's own units): then the load has changed and the newest interval's rate is taken alone. So a
     step is seen in one interval, while a steady load is read over the whole window instead of from the
     noise of its newest interval."""
-    rates, times = [], []
+    rates, times, events = [], [], []
     for s in series:
         if len(s) < 2:
             continue
@@ -83,7 +93,7 @@ def counter_rate(series: Sequence[Series], band_sigmas: float = CHANGE_SIGMAS) -
         if t1 <= t0:
             continue
         newest_count = v1 - v0 if v1 >= v0 else v1
-        rate = newest_count / (t1 - t0)
+        rate, counted = newest_count / (t1 - t0), newest_count
         start = len(s) - 2  # the oldest point of the run of points since the last restart
         while start > 0 and s[start - 1][1] <= s[start][1] and s[start - 1][0] < s[start][0]:
             start -= 1
@@ -91,10 +101,11 @@ def counter_rate(series: Sequence[Series], band_sigmas: float = CHANGE_SIGMAS) -
         if start < len(s) - 2 and v1 >= v0:
             expected = (v0 - va) / (t0 - ta) * (t1 - t0)
             if abs(newest_count - expected) <= band_sigmas * math.sqrt(max(expected, 1.0)):
-                rate = (v1 - va) / (t1 - ta)
+                rate, counted = (v1 - va) / (t1 - ta), v1 - va
         rates.append(rate)
         times.append(t1)
-    return (sum(rates), max(times)) if rates else None
+        events.append(counted)
+    return CounterRate(sum(rates), max(times), sum(events)) if rates else None
 
 
 def stage_observation(m: DeploymentMetrics) -> StageObservation:
@@ -129,13 +140,13 @@ def pipeline_observation(
     queue when it reports them."""
     counted = entrance.raw.get(ARRIVED_METRIC, ()) if entrance is not None else ()
     rate = counter_rate(counted)
-    if rate is None and entrance is not None:  # no rate yet (under two points): none guessed from the stages
-        rate = (0.0, None)
     waiting = newest(entrance.raw.get(QUEUED_METRIC, ())) if entrance is not None else None
     return PipelineObservation(
         time_s=time_s,
         stages=tuple(stage_observation(m) for m in stages),
-        arrival_rate_per_s=None if rate is None else rate[0],
-        rate_sampled_at_s=None if rate is None else rate[1],
+        # no rate yet (under two points) with an entrance: 0, none guessed from the stages
+        arrival_rate_per_s=(0.0 if entrance is not None else None) if rate is None else rate.rate_per_s,
+        rate_sampled_at_s=None if rate is None else rate.sampled_at_s,
+        arrival_events=None if rate is None else rate.events,
         entrance_queued=0.0 if waiting is None else waiting[0],
     )

@@ -20,9 +20,15 @@ InferLine (Crankshaw et al., SoCC'20) and AlpaServe (Li et al., OSDI'23):
    (``ceil(min_j max_j * mu_j / mu_i)``: more would idle, however large the backlog), per-stage min/max, then
    a GPU budget: when demand does not fit, the replicas that fit maximise the
    bottleneck throughput ``min_i r_i * mu_i`` (greedy water-filling on the bottleneck; optimal, see
-   :func:`bottleneck_allocation`).
-6. Hysteresis (a downscale must cut at least ``hysteresis`` of the replicas) and upscale/downscale delays;
-   an idle pipeline goes to the minimum.
+   :func:`bottleneck_allocation`); the same allocation gives out new replicas when at most ``max_starting``
+   may start at once (a node starts a few replica processes at a time: those that raise the bottleneck
+   start first).
+6. A band against the noise of a measured rate (``rate_noise_sigmas`` of its Poisson noise): a stage scales
+   up only when its demand exceeds its replicas by more than the band, and down to the replicas that carry
+   its demand within it (so a reading a little over a whole replica neither adds one nor holds one back; at
+   a high rate the band narrows to nothing); hysteresis (a downscale must
+   cut at least ``hysteresis`` of the replicas) and upscale/downscale delays; an idle pipeline goes to the
+   minimum.
 
 Ray adapter (:mod:`cluster.serve_policy`): Ray 2.60 calls an application-level policy with
 ``{DeploymentID: AutoscalingContext}`` and expects ``({DeploymentID: replicas}, {DeploymentID: state dict})``.
@@ -73,16 +79,26 @@ class PolicyConfig:
     target_utilisation: float = 0.85
     """Fraction of a replica's full-batch rate the steady-state demand may use (a backlog gets replicas of its
     own, ``drain_time_s``). Lower keeps more headroom for bursts at more replica-seconds: in the simulator's
-    bursty run 0.7 kept the SLO for 96.9% of requests at 16,040 replica-s, 0.85 for 89.0% at 13,470
-    (BENCHMARKS.md, "Autoscaling")."""
+    bursty run 0.7 kept the SLO for 96.9% of requests at 16,040 replica-s, 0.85 for 89.0% at 13,470 (both
+    without the band against rate noise; 88.2% at 13,100 with it; BENCHMARKS.md, "Autoscaling")."""
     drain_time_s: float = 10.0
     """A backlog is sized to be worked off within this time."""
     gpu_budget: float | None = None
     """GPUs for all stage replicas together (sum of replicas x gpu_fraction); None: unlimited."""
+    max_starting: int | None = None
+    """Replicas that may be starting at once over all stages (None: no limit). Where a node starts its replica
+    processes a few at a time (Ray starts at most as many worker processes at once as the node has CPUs), a
+    larger upscale is only queued behind itself: with a limit, the new replicas that raise the bottleneck's
+    throughput most start first (:func:`startup_allocation`)."""
     upscale_delay_s: float = 0.0
     downscale_delay_s: float = 120.0
     hysteresis: float = 0.1
     """A downscale must remove at least this fraction of a stage's replicas."""
+    rate_noise_sigmas: float = 1.5
+    """Width of the band against rate noise (:func:`banded_target`), in standard deviations of the measured
+    arrival rate (Poisson: ``1 / sqrt(events)`` of it). A 30 s window at 5 requests/s counts ~150 requests,
+    8% noise: without the band each high reading added a replica (``upscale_delay_s`` 0) and each reading
+    just over a whole replica restarted the downscale delay. 0: no band."""
     rate_smoothing: float = 0.5
     """EWMA weight of the newest arrival-rate sample estimated from the first stage's flow (each tick)."""
     counter_smoothing: float = 1.0
@@ -98,6 +114,8 @@ class PolicyConfig:
         check(self.upscale_delay_s >= 0, f"upscale_delay_s ({self.upscale_delay_s}) must be >= 0")
         check(self.downscale_delay_s >= 0, f"downscale_delay_s ({self.downscale_delay_s}) must be >= 0")
         check(0 <= self.hysteresis < 1, f"hysteresis ({self.hysteresis}) must be in [0, 1)")
+        check(self.max_starting is None or self.max_starting >= 1, f"max_starting ({self.max_starting}) must be >= 1")
+        check(self.rate_noise_sigmas >= 0, f"rate_noise_sigmas ({self.rate_noise_sigmas}) must be >= 0")
         for name in ("rate_smoothing", "counter_smoothing", "latency_smoothing"):
             value = getattr(self, name)
             check(0 < value <= 1, f"{name} ({value}) must be in (0, 1]")
@@ -136,6 +154,9 @@ class PipelineObservation:
     """Arrivals/s at the entrance, measured over an interval ending at ``rate_sampled_at_s``; None: estimate
     them from the first stage's flow."""
     rate_sampled_at_s: float | None = None
+    arrival_events: float | None = None
+    """The arrivals the measured rate counts (its relative Poisson noise is ``1 / sqrt`` of it); None: unknown,
+    no band against noise."""
     entrance_queued: float = 0.0
     """Requests waiting at the entrance, upstream of every stage (in stage requests)."""
 
@@ -223,9 +244,11 @@ def bottleneck_allocation(
     rates_per_s: Sequence[float],
     gpu_fractions: Sequence[float],
     gpu_budget: float,
+    give_back: bool = True,
 ) -> list[int]:
     """Integer replicas ``lower_i <= r_i <= upper_i`` with ``sum r_i g_i <= gpu_budget`` that maximise the
-    bottleneck ``min_i r_i mu_i`` over the stages below ``upper``, at least cost.
+    bottleneck ``min_i r_i mu_i`` over the stages below ``upper``, at least cost (``give_back`` False: the
+    whole budget spent, each replica where the bottleneck is at that moment).
 
     Greedy water-filling: add one replica to the slowest stage below its upper bound while it fits. Optimal:
     while the level L is below the optimum T*, every r_i <= max(lower_i, ceil(T*/mu_i)) (a stage was only raised
@@ -244,10 +267,42 @@ def bottleneck_allocation(
         if r[i] >= upper[i]:
             open_.remove(i)
     unsaturated = [i for i in range(len(r)) if r[i] < upper[i]]
-    if unsaturated:
+    if unsaturated and give_back:
         level = min(r[i] * rates_per_s[i] for i in unsaturated)
         r = [min(n, max(lo, math.ceil(level / mu - _EPS))) for n, lo, mu in zip(r, lower, rates_per_s)]
     return r
+
+
+def startup_allocation(
+    desired: Sequence[int], stages: Sequence[StageObservation], rates_per_s: Sequence[float], max_starting: int
+) -> list[int]:
+    """``desired`` with at most ``max_starting`` replicas starting at once (those already starting count): the
+    free start-up slots go one by one to the stage that is the bottleneck ``min_i r_i * mu_i`` at that moment
+    (:func:`bottleneck_allocation` at one slot per replica, every slot used: what waits will start next);
+    downscales are kept."""
+    current = [o.target_replicas for o in stages]
+    starting = sum(max(0, o.target_replicas - o.ready_replicas) for o in stages if o.ready_replicas is not None)
+    lower = [min(c, d) for c, d in zip(current, desired)]
+    budget = sum(lower) + max(0, max_starting - starting)
+    if sum(desired) <= budget:
+        return list(desired)
+    return bottleneck_allocation(lower, desired, rates_per_s, [1.0] * len(desired), float(budget), give_back=False)
+
+
+def noise_band(events: float | None, sigmas: float) -> float:
+    """Relative band ``sigmas / sqrt(events)`` of a rate counted over ``events`` arrivals; 0 when unknown."""
+    return sigmas / math.sqrt(events) if events is not None and events > 0 else 0.0
+
+
+def banded_target(wanted: float, desired: int, current: int, band: float, lowest: int) -> int:
+    """Replicas within a relative ``band`` of fractional demand ``wanted`` (``desired``: its
+    ceiling, or less under a GPU budget): ``desired`` when ``wanted`` exceeds ``current`` by more than the
+    band; ``ceil(wanted / (1 + band))`` (at most ``desired``, at least ``lowest``) when that is below
+    ``current``; otherwise ``current``."""
+    if desired > current:
+        return desired if wanted > current * (1 + band) + _EPS else current
+    carried = min(desired, max(lowest, math.ceil(wanted / (1 + band) - _EPS)))
+    return carried if carried < current else current
 
 
 def hysteresis_target(desired: int, current: int, hysteresis: float) -> int:
@@ -299,6 +354,7 @@ def step(
     lower = [s.min_replicas for s in specs]
     if idle:
         desired = lower
+        wanted = [float(n) for n in lower]
     else:
         pending = projected_backlogs(obs, arrival, rates, observation.time_s, observation.entrance_queued)
         wanted = [demand_replicas(arrival, b, mu, config) for b, mu in zip(pending, rates)]
@@ -311,10 +367,14 @@ def step(
     gpus = [s.gpu_fraction for s in specs]
     if config.gpu_budget is not None:
         desired = bottleneck_allocation(lower, desired, rates, gpus, config.gpu_budget)
+    if config.max_starting is not None:
+        desired = startup_allocation(desired, obs, rates, config.max_starting)
 
+    band = noise_band(observation.arrival_events, config.rate_noise_sigmas)
     decided, stage_states = [], []
-    for want, o, st in zip(desired, obs, state.stages):
-        held = want if idle else hysteresis_target(want, o.target_replicas, config.hysteresis)
+    for want, w, spec, o, st in zip(desired, wanted, specs, obs, state.stages):
+        banded = banded_target(w, want, o.target_replicas, band, spec.min_replicas)
+        held = want if idle else hysteresis_target(banded, o.target_replicas, config.hysteresis)
         n, st = apply_delay(held, o.target_replicas, st, observation.time_s, config)
         decided.append(n)
         stage_states.append(st)

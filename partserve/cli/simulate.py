@@ -133,6 +133,18 @@ def _row(name: str, s: dict[str, Any]) -> list[Any]:
 )
 @click.option("--service-cv", type=float, default=0.0, show_default=True, help="Noise on batch service times.")
 @click.option("--target-utilisation", type=float, default=PolicyConfig.target_utilisation, show_default=True)
+@click.option(
+    "--max-starting",
+    type=click.IntRange(min=1),
+    help="The coordinated policy: replicas starting at once over all stages, bottleneck first [default: no limit].",
+)
+@click.option(
+    "--rate-noise-sigmas",
+    type=click.FloatRange(min=0),
+    default=PolicyConfig.rate_noise_sigmas,
+    show_default=True,
+    help="The coordinated policy's band against rate noise, in standard deviations of the measured rate (0: none).",
+)
 @click.option("--drain-time-s", type=float, default=10.0, show_default=True)
 @click.option("--upscale-delay-s", type=float, default=0.0, show_default=True)
 @click.option("--downscale-delay-s", type=float, default=120.0, show_default=True)
@@ -212,6 +224,8 @@ def simulate(**o: Any) -> None:
     policy = PolicyConfig(
         stages=policy_stages(stages),
         target_utilisation=o["target_utilisation"],
+        rate_noise_sigmas=o["rate_noise_sigmas"],
+        max_starting=o["max_starting"],
         drain_time_s=o["drain_time_s"],
         gpu_budget=o["gpu_budget"],
         upscale_delay_s=o["upscale_delay_s"],

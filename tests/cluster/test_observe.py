@@ -13,8 +13,8 @@ from cluster.observe import DeploymentMetrics, counter_rate, newest, pipeline_ob
 def test_counter_rate_differences_the_two_newest_points_of_each_replica() -> None:
     a = [(0.0, 0.0), (6.0, 30.0), (12.0, 90.0)]  # 5/s, then 10/s: 60 where 30 +- 5.5 was due, a change
     b = [(3.0, 5.0), (9.0, 35.0)]  # (35 - 5) / 6 = 5/s
-    assert counter_rate([a, b]) == (pytest.approx(15.0), 12.0)
-    assert counter_rate([[(0.0, 50.0), (6.0, 12.0)]]) == (2.0, 6.0)  # restarted: counts from 0, 12 / 6
+    assert counter_rate([a, b]) == (pytest.approx(15.0), 12.0, 90.0)  # 60 + 30 counted
+    assert counter_rate([[(0.0, 50.0), (6.0, 12.0)]]) == (2.0, 6.0, 12.0)  # restarted: counts from 0, 12 / 6
     assert counter_rate([[(1.0, 3.0)], []]) is None  # one point: no rate yet
 
 
@@ -22,13 +22,13 @@ def test_counter_rate_reads_a_steady_load_over_the_window() -> None:
     # 5/s with Poisson noise: the newest interval's 28 is within 3 sigma of the 30 due, so the rate is the
     # window's, 90 / 18, not the newest interval's 28 / 6.
     steady = [(0.0, 0.0), (6.0, 30.0), (12.0, 62.0), (18.0, 90.0)]
-    assert counter_rate([steady]) == (pytest.approx(5.0), 18.0)
+    assert counter_rate([steady]) == (pytest.approx(5.0), 18.0, 90.0)
     # The same window whose newest interval dropped to 6: a change, read at once.
     dropped = [(0.0, 0.0), (6.0, 30.0), (12.0, 62.0), (18.0, 68.0)]
-    assert counter_rate([dropped]) == (pytest.approx(1.0), 18.0)
+    assert counter_rate([dropped]) == (pytest.approx(1.0), 18.0, 6.0)
     # Points from before a restart do not count towards the window.
     restarted = [(0.0, 500.0), (6.0, 0.0), (12.0, 30.0), (18.0, 58.0)]
-    assert counter_rate([restarted]) == (pytest.approx(58 / 12), 18.0)
+    assert counter_rate([restarted]) == (pytest.approx(58 / 12), 18.0, 58.0)
 
 
 @given(
@@ -41,10 +41,11 @@ def test_counter_rate_stays_between_the_window_and_newest_rates(rate: float, noi
     for e in noise:
         t, v = t + 6.0, v + max(0.0, rate * 6.0 * (1 + 0.5 * e))
         series.append((t, v))
-    got, at = counter_rate([series])
+    got, at, events = counter_rate([series])
     newest = (series[-1][1] - series[-2][1]) / 6.0
     window = series[-1][1] / series[-1][0]
     assert at == t and min(newest, window) - 1e-9 <= got <= max(newest, window) + 1e-9
+    assert events == pytest.approx(got * (6.0 if got == newest and got != window else t))  # the counts read
 
 
 def test_newest_sums_replicas_and_averages_their_times() -> None:

@@ -4,6 +4,7 @@ the budget allocation against brute force."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -19,13 +20,16 @@ from cluster.policy import (
     apply_delay,
     arrival_rate_sample,
     backlogs,
+    banded_target,
     bottleneck_allocation,
     demand_replicas,
     ewma,
     hysteresis_target,
     initial_state,
+    noise_band,
     projected_backlogs,
     replica_rate_per_s,
+    startup_allocation,
     step,
 )
 
@@ -99,6 +103,89 @@ def test_demand_replicas(arrival: float, backlog: float, rate: float, expected: 
 )
 def test_hysteresis(desired: int, current: int, expected: int) -> None:
     assert hysteresis_target(desired, current, 0.2) == expected
+
+
+@pytest.mark.parametrize(
+    ("wanted", "current", "expected"),
+    [
+        (2.10, 2, 2),  # within 2 * 1.1 = 2.2: a high reading adds no replica
+        (2.30, 2, 3),  # over the band: up to ceil(2.3)
+        (2.10, 3, 2),  # 2.1 / 1.1 = 1.91: two carry it within the band, a downscale
+        (2.30, 3, 3),  # 2.3 / 1.1 = 2.09: held
+        (1.50, 3, 2),
+        (0.30, 3, 1),  # never under the minimum
+        (0.50, 0, 1),  # from none: up
+    ],
+)
+def test_banded_target(wanted: float, current: int, expected: int) -> None:
+    desired = max(1, math.ceil(wanted))
+    assert banded_target(wanted, desired, current, 0.1, lowest=1) == expected
+    assert banded_target(wanted, desired, current, 0.0, lowest=1) in (desired, current)  # no band: as before
+
+
+@given(st.floats(0.01, 50.0), st.integers(0, 60), st.floats(0.0, 0.5))
+def test_banded_target_moves_towards_demand_and_never_past_it(wanted: float, current: int, band: float) -> None:
+    desired = max(1, math.ceil(wanted - 1e-9))
+    n = banded_target(wanted, desired, current, band, lowest=1)
+    assert n <= max(current, desired)  # never above the demand's ceiling, nor below what carries it in the band
+    assert n >= min(current, max(1, math.ceil(wanted / (1 + band) - 1e-9)))
+    assert n * (1 + band) >= wanted - 1e-9 or n == current  # what it moves to carries the demand within the band
+
+
+def test_noise_band_is_poisson() -> None:
+    assert noise_band(150.0, 1.5) == pytest.approx(1.5 / 150**0.5)  # 5/s over 30 s: 12%
+    assert noise_band(None, 1.5) == noise_band(0.0, 1.5) == 0.0
+
+
+def test_a_noisy_steady_rate_neither_adds_nor_holds_a_replica() -> None:
+    # One stage at 1 request/s per replica, target 0.85: 5 +- 0.4 requests/s asks 5.4-6.4 replicas.
+    config = PolicyConfig(stages=(StageSpec("s", 1000.0, max_replicas=10),), downscale_delay_s=0.0)
+
+    def decide(rate: float, current: int, events: float | None) -> int:
+        obs = PipelineObservation(
+            time_s=10.0,
+            stages=(StageObservation(queued=0.0, running=1.0, target_replicas=current),),
+            arrival_rate_per_s=rate,
+            rate_sampled_at_s=10.0,
+            arrival_events=events,
+        )
+        return step(obs, config, initial_state(config))[0]["s"]
+
+    # 5.4 asks 6.35: over 6 without the band, within 6 * 1.12 with it
+    assert decide(5.4, 6, 150.0) == 6 and decide(5.4, 6, None) == 7
+    # 5.2 asks 6.12: 7 are held without the band, 6 carry it within the band
+    assert decide(5.2, 7, 150.0) == 6 and decide(5.2, 7, None) == 7
+
+
+def starting(target: int, ready: int) -> StageObservation:
+    return StageObservation(queued=0.0, running=0.0, target_replicas=target, ready_replicas=ready)
+
+
+def test_startup_allocation_starts_the_bottleneck_first() -> None:
+    rates = [2.0, 1.0, 4.0]  # requests/s per replica
+    stages = [starting(1, 1), starting(1, 1), starting(1, 1)]
+    # 6 new replicas wanted, 2 may start: the first to stage 1, the bottleneck (1 req/s against 2 and 4), then
+    # stage 0 (2 req/s, tied with stage 1 at 2 replicas; the earlier stage first)
+    assert startup_allocation([3, 4, 2], stages, rates, 2) == [2, 2, 1]
+    # one already starting (stage 1's second) leaves one slot
+    assert startup_allocation([3, 4, 2], [starting(1, 1), starting(2, 1), starting(1, 1)], rates, 2) == [2, 2, 1]
+    assert startup_allocation([3, 4, 2], stages, rates, 6) == [3, 4, 2]  # all fit
+    assert startup_allocation([1, 4, 1], [starting(3, 3), starting(1, 1), starting(2, 2)], rates, 1) == [1, 2, 1]
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8), st.floats(0.1, 10.0)), min_size=1, max_size=5),
+    st.integers(1, 6),
+)
+def test_startup_allocation_keeps_downscales_and_the_limit(
+    stages: list[tuple[int, int, float]], max_starting: int
+) -> None:
+    obs = [starting(current, current) for current, _, _ in stages]
+    desired = [d for _, d, _ in stages]
+    got = startup_allocation(desired, obs, [mu for _, _, mu in stages], max_starting)
+    for n, (current, want, _) in zip(got, stages):
+        assert min(current, want) <= n <= max(current, want)
+    assert sum(max(0, n - current) for n, (current, _, _) in zip(got, stages)) <= max_starting
 
 
 def test_delays_wait_for_a_consistent_direction() -> None:

@@ -103,8 +103,7 @@ def post_json(url: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     r = httpx.post(url, json=oip_json(inputs), timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 200, r.text
     return {
-        t["name"]: np.asarray(t["data"], dtype=from_oip(t["datatype"])).reshape(t["shape"])
-        for t in r.json()["outputs"]
+        t["name"]: np.asarray(t["data"], dtype=from_oip(t["datatype"])).reshape(t["shape"]) for t in r.json()["outputs"]
     }
 
 
