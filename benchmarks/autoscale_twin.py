@@ -722,6 +722,8 @@ def main() -> None:
         fields.setdefault("target_utilisation", 0.7)  # the policy's defaults when they were not yet recorded
         fields.setdefault("rate_noise_sigmas", 0.0)
         setup = TwinSetup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        if a.max_starting is not None:  # a what-if: the same run's parameters under a start-up limit
+            setup = replace(setup, max_starting=a.max_starting)
         report = simulate_runs(report, setup, a.routing, startup_slots=a.startup_slots)
     else:
         report = compare(
