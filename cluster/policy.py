@@ -26,9 +26,8 @@ InferLine (Crankshaw et al., SoCC'20) and AlpaServe (Li et al., OSDI'23):
 6. A band against the noise of a measured rate (``rate_noise_sigmas`` of its Poisson noise): a stage scales
    up only when its demand exceeds its replicas by more than the band, and down to the replicas that carry
    its demand within it (so a reading a little over a whole replica neither adds one nor holds one back; at
-   a high rate the band narrows to nothing); hysteresis (a downscale must
-   cut at least ``hysteresis`` of the replicas) and upscale/downscale delays; an idle pipeline goes to the
-   minimum.
+   a high rate the band narrows to nothing); hysteresis (a downscale must cut at least ``hysteresis`` of the
+   replicas) and upscale/downscale delays; an idle pipeline goes to the minimum.
 
 Ray adapter (:mod:`cluster.serve_policy`): Ray 2.60 calls an application-level policy with
 ``{DeploymentID: AutoscalingContext}`` and expects ``({DeploymentID: replicas}, {DeploymentID: state dict})``.
@@ -295,8 +294,8 @@ def noise_band(events: float | None, sigmas: float) -> float:
 
 
 def banded_target(wanted: float, desired: int, current: int, band: float, lowest: int) -> int:
-    """Replicas within a relative ``band`` of fractional demand ``wanted`` (``desired``: its
-    ceiling, or less under a GPU budget): ``desired`` when ``wanted`` exceeds ``current`` by more than the
+    """Replicas within a relative ``band`` of fractional demand ``wanted`` (``desired``: its ceiling, or less
+    under a GPU budget or a start-up limit): ``desired`` when ``wanted`` exceeds ``current`` by more than the
     band; ``ceil(wanted / (1 + band))`` (at most ``desired``, at least ``lowest``) when that is below
     ``current``; otherwise ``current``."""
     if desired > current:
