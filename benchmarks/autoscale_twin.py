@@ -685,8 +685,8 @@ def main() -> None:
     parser.add_argument(
         "--rate-noise-sigmas",
         type=float,
-        default=TwinSetup.rate_noise_sigmas,
-        help="The coordinated policy's band against rate noise (standard deviations).",
+        help=f"The coordinated policy's band against rate noise, standard deviations (default: "
+        f"{TwinSetup.rate_noise_sigmas}). With --resimulate, as with --max-starting: a what-if on the stored runs.",
     )
     parser.add_argument("--max-starting", type=int, help="The coordinated policy's start-up limit (default: none).")
     parser.add_argument("--seed", type=int, default=0)
@@ -713,17 +713,19 @@ def main() -> None:
         downscale_delay_s=a.downscale_delay_s,
         slo_ms=a.slo_ms,
         target_utilisation=a.target_utilisation,
-        rate_noise_sigmas=a.rate_noise_sigmas,
         max_starting=a.max_starting,
     )
+    what_if = {
+        k: v for k, v in (("rate_noise_sigmas", a.rate_noise_sigmas), ("max_starting", a.max_starting)) if v is not None
+    }
+    setup = replace(setup, **what_if)
     if a.resimulate is not None:
         report = json.loads(a.resimulate.read_text())
         fields = {k: v for k, v in report["setup"].items() if k in TwinSetup.__dataclass_fields__}
         fields.setdefault("target_utilisation", 0.7)  # the policy's defaults when they were not yet recorded
         fields.setdefault("rate_noise_sigmas", 0.0)
         setup = TwinSetup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-        if a.max_starting is not None:  # a what-if: the same run's parameters under a start-up limit
-            setup = replace(setup, max_starting=a.max_starting)
+        setup = replace(setup, **what_if)  # the same runs' parameters under the policy settings given
         report = simulate_runs(report, setup, a.routing, startup_slots=a.startup_slots)
     else:
         report = compare(

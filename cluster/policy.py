@@ -352,8 +352,7 @@ def step(
 
     lower = [s.min_replicas for s in specs]
     if idle:
-        desired = lower
-        wanted = [float(n) for n in lower]
+        desired, wanted = lower, [0.0] * len(specs)
     else:
         pending = projected_backlogs(obs, arrival, rates, observation.time_s, observation.entrance_queued)
         wanted = [demand_replicas(arrival, b, mu, config) for b, mu in zip(pending, rates)]
@@ -372,8 +371,11 @@ def step(
     band = noise_band(observation.arrival_events, config.rate_noise_sigmas)
     decided, stage_states = [], []
     for want, w, spec, o, st in zip(desired, wanted, specs, obs, state.stages):
-        banded = banded_target(w, want, o.target_replicas, band, spec.min_replicas)
-        held = want if idle else hysteresis_target(banded, o.target_replicas, config.hysteresis)
+        if idle:
+            held = want
+        else:
+            banded = banded_target(w, want, o.target_replicas, band, spec.min_replicas)
+            held = hysteresis_target(banded, o.target_replicas, config.hysteresis)
         n, st = apply_delay(held, o.target_replicas, st, observation.time_s, config)
         decided.append(n)
         stage_states.append(st)
