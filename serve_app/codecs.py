@@ -467,7 +467,9 @@ def decode_arrow(body: bytes, specs: Sequence[TensorSpec], max_tensor_bytes: int
     try:
         check_arrow_stream(body, max_tensor_bytes)
         return read_arrow(body)
-    except (pa.ArrowException, ValueError, TypeError, OSError) as exc:  # a short stream: OSError
+    # a short stream: OSError; metadata that asks for what pyarrow cannot convert (a tensor permutation in a
+    # damaged header): NotImplementedError
+    except (pa.ArrowException, ValueError, TypeError, OSError, NotImplementedError) as exc:
         if isinstance(exc, BadRequest):
             raise
         raise BadRequest(f"body is not a readable Arrow IPC stream of tensors ({exc}); {expected}") from exc
