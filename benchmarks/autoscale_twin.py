@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import sys
@@ -403,6 +404,7 @@ def run_sim(
     transit_ms: float = 0.0,
     routing: str = "replicas",
     startup_slots: float = 0.0,
+    seed: int = 0,
 ) -> Any:
     """The simulator on the twin's parameters: the same stages, arrivals, delays, Serve metrics and routing
     (``routing``; each stage replica holding up to the application's ``max_ongoing_requests``), with the
@@ -425,6 +427,7 @@ def run_sim(
     metrics = ServeMetrics(
         [m.name for m in models],
         ServeMetricsConfig(metrics_interval_s=setup.metrics_interval_s, look_back_period_s=setup.look_back_period_s),
+        seed=seed,
     )
     config = PolicyConfig(
         stages=tuple(StageSpec(**s) for s in specs),
@@ -443,7 +446,12 @@ def run_sim(
 
     ongoing = app_args(setup).get("max_ongoing_requests") or STAGE_MAX_ONGOING
     sim = SimConfig(
-        startup_s=startup_s, startup_slots=startup_slots, drain_s=120.0, max_ongoing=ongoing, routing=routing
+        startup_s=startup_s,
+        startup_slots=startup_slots,
+        drain_s=120.0,
+        max_ongoing=ongoing,
+        routing=routing,
+        seed=seed,
     )
     result = simulate(models, times_s, controller, duration_s, sim)
     result.finish_s = result.finish_s + transit_ms / 1e3
@@ -494,8 +502,11 @@ def compare(
     seed: int = 0,
     progress: Callable[[str], None] = print,
     checkpoint: Path | None = None,
+    routing: str = "replicas",
+    phases: int = 1,
 ) -> dict[str, Any]:
-    """Every (workload, policy) live, then simulated with the start-up time the live runs measured."""
+    """Every (workload, policy) live, then simulated with the start-up time the live runs measured
+    (:func:`simulate_runs`)."""
     import ray
 
     from cluster import local
@@ -542,7 +553,7 @@ def compare(
             "service_ms": service,
             "transit_ms": transit_ms(live["latency_ms"], service),
         }
-    return simulate_runs(report, setup, progress=progress)
+    return simulate_runs(report, setup, routing, progress, phases=phases)
 
 
 def simulate_runs(
@@ -551,9 +562,16 @@ def simulate_runs(
     routing: str = "replicas",
     progress: Callable[[str], None] = print,
     startup_slots: float = 0.0,
+    phases: int = 1,
 ) -> dict[str, Any]:
     """The simulator on every live run of ``report`` with that run's ``sim_parameters`` (its measured
     start-up, replica time per request and transit), under ``routing``; adds ``sim`` and ``sim_vs_live``.
+
+    ``phases``: the simulator runs that many times (seeds 0, 1, ...: each metrics source's phase, i.e. when it
+    records and pushes relative to the load, and the router's random choices), since a live run's phases are
+    one draw that nobody measures. ``sim`` holds seed 0's figures and ``sim_phases`` each seed's recovery,
+    replica-seconds and attainment; ``sim_vs_live`` compares the median over the phases (a recovery that
+    never comes counts as the longest) and says whether the live recovery lies within the phases' range.
 
     With ``startup_slots`` the start-ups share the machine: one start-up alone is fitted per workload so that
     the simulated Ray default run starts its replicas in the median time its live run measured
@@ -564,11 +582,11 @@ def simulate_runs(
     duration_s, change_s, seed = (report["setup"][k] for k in ("duration_s", "change_s", "seed"))
     specs = report["setup"]["stage_specs"]
 
-    def sim(kind: str, policy: str, par: dict[str, Any], startup_s: float) -> Any:
+    def sim(kind: str, policy: str, par: dict[str, Any], startup_s: float, phase: int = 0) -> Any:
         times = arrivals(workload_of(kind, setup, change_s), duration_s, seed)
         return run_sim(
             specs, setup, policy, times, duration_s, startup_s, par["service_ms"], par["transit_ms"], routing,
-            startup_slots,
+            startup_slots, seed=phase,
         )  # fmt: skip
 
     alone: dict[str, float] = {}
@@ -587,19 +605,24 @@ def simulate_runs(
     for key, run in report["runs"].items():
         kind, policy = key.split("/")
         par = run["sim_parameters"]
-        result = sim(kind, policy, par, alone.get(kind, par["startup_s"]))
+        step = change_s if kind == "step" else None
+        startup_s = alone.get(kind, par["startup_s"])
+        each = [figures(sim(kind, policy, par, startup_s, k), setup, step) for k in range(phases)]
         run["sim"] = {
-            **figures(result, setup, change_s if kind == "step" else None),
+            **each[0],
             "routing": routing,
             "startup_slots": startup_slots,
             "startup_alone_s": alone.get(kind) if startup_slots > 0 else None,
         }
-        live = {**run["live"], "startup_s": par["startup_s"]}
         compared = ("recovery_s", "replica_seconds", "slo_attainment", "startup_s")
-        run["sim_vs_live"] = {k: _relative(run["sim"][k], live[k]) for k in compared}
+        run["sim_phases"] = {k: [f[k] for f in each] for k in compared}
+        median = {k: _median(run["sim_phases"][k]) for k in compared}
+        live = {**run["live"], "startup_s": par["startup_s"]}
+        run["sim_vs_live"] = {k: _relative(median[k], live[k]) for k in compared}
+        run["sim_vs_live"]["recovery_in_phase_range"] = _within(live["recovery_s"], run["sim_phases"]["recovery_s"])
         progress(
             f"sim {key}: {_line(run['sim'])}, start-up {run['sim']['startup_s']} s (live {par['startup_s']:.1f}); "
-            f"vs live {run['sim_vs_live']}"
+            f"vs live {run['sim_vs_live']}; recovery over {phases} phases {run['sim_phases']['recovery_s']}"
         )
     return report
 
@@ -616,6 +639,18 @@ def fit_startup_s(simulated: Callable[[float], float | None], measured_s: float,
         else:
             lo = mid
     return (lo + hi) / 2
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The lower median, None (a recovery that never came) counting as the longest."""
+    ordered = sorted(values, key=lambda v: math.inf if v is None else v)
+    return ordered[(len(ordered) - 1) // 2] if ordered else None
+
+
+def _within(live: float | None, phases: list[float | None]) -> bool:
+    """Whether ``live`` lies between the phases' least and most (None: never, the most of all)."""
+    key = [math.inf if v is None else v for v in phases]
+    return min(key) <= (math.inf if live is None else live) <= max(key)
 
 
 def _relative(sim: float | None, live: float | None) -> float | None:
@@ -699,6 +734,12 @@ def main() -> None:
     )
     parser.add_argument("--routing", default="replicas", help="The simulator's routing: replicas or shared.")
     parser.add_argument(
+        "--phases",
+        type=int,
+        default=8,
+        help="Simulate each run at this many metric phases (seeds 0, 1, ...) and compare the median with live.",
+    )
+    parser.add_argument(
         "--startup-slots",
         type=float,
         default=0.0,
@@ -726,13 +767,19 @@ def main() -> None:
         fields.setdefault("rate_noise_sigmas", 0.0)
         setup = TwinSetup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         setup = replace(setup, **what_if)  # the same runs' parameters under the policy settings given
-        report = simulate_runs(report, setup, a.routing, startup_slots=a.startup_slots)
+        report = simulate_runs(report, setup, a.routing, startup_slots=a.startup_slots, phases=a.phases)
     else:
         report = compare(
-            setup, a.workloads.split(","), a.policies.split(","), a.duration_s, a.change_s, a.seed, checkpoint=a.out
+            setup,
+            a.workloads.split(","),
+            a.policies.split(","),
+            a.duration_s,
+            a.change_s,
+            a.seed,
+            checkpoint=a.out,
+            routing=a.routing,
+            phases=a.phases,
         )
-        if a.routing != "replicas":
-            report = simulate_runs(report, setup, a.routing)
     if a.out is not None:
         a.out.write_text(json.dumps(report, indent=1))
     if a.plot is not None:

@@ -183,10 +183,14 @@ class _Queue:
 
 
 class _Replica:
-    def __init__(self, queue: _Queue, ready: bool) -> None:
+    def __init__(self, queue: _Queue, ready: bool, ident: int) -> None:
         self.queue = queue
         """Its own queue (Serve's routing), or the stage's, shared by every replica."""
+        self.ident = ident
+        """Unique within its stage, as Serve's replica ids."""
         self.ready, self.busy, self.draining, self.running = ready, False, False, 0
+        self.sent = False
+        """Whether it has been sent a request (the caller's handle records a replica from its first request)."""
         self.left_s = 0.0
         """Start-up work left (seconds at full speed), while it starts."""
 
@@ -199,10 +203,15 @@ class _Stage:
         self.model = model
         self.shared = shared
         self.pending = _Queue()
-        self.replicas = [_Replica(self.pending if shared else _Queue(), True) for _ in range(replicas)]
+        self.made = 0
+        self.replicas = [self.new_replica(ready=True) for _ in range(replicas)]
         self.target = replicas
         self.completed, self.busy_s, self.full_ms, self.full_batches = 0, 0.0, 0.0, 0
         self._serving: list[_Replica] | None = None
+
+    def new_replica(self, ready: bool) -> _Replica:
+        self.made += 1
+        return _Replica(self.pending if self.shared else _Queue(), ready, self.made)
 
     def serving(self) -> list[_Replica]:
         """The replicas that take new requests (ready, not stopped), kept until :meth:`changed`."""
@@ -218,9 +227,10 @@ class _Stage:
     def alive(self) -> int:
         return len(self.replicas)
 
-    def snapshot(self, max_ongoing: int) -> StageSnapshot:
+    def snapshot(self) -> StageSnapshot:
         queued = self.pending.count + (0 if self.shared else sum(r.queue.count for r in self.replicas))
         serving = [r for r in self.replicas if not r.draining]
+        size = self.model.max_batch_size
         return StageSnapshot(
             queued=queued,
             running=sum(r.running for r in self.replicas),
@@ -230,9 +240,14 @@ class _Stage:
             busy_s=self.busy_s,
             full_ms=self.full_ms,
             full_batches=self.full_batches,
-            max_ongoing=max_ongoing,
             busy=sum(r.busy for r in self.replicas),
-            batch_size=self.model.max_batch_size,
+            batch_size=size,
+            sent=tuple(
+                (r.ident, int(r.busy) + (0 if self.shared else math.ceil(r.queue.count / size)))
+                for r in serving
+                if r.ready and r.sent
+            ),
+            held=math.ceil(self.pending.count / size),
         )
 
 
@@ -270,7 +285,7 @@ def simulate(
     def start_batch(i: int, r: _Replica, t: float) -> None:
         nonlocal seq
         ids = r.queue.take(st[i].model.max_batch_size)
-        r.busy = True
+        r.busy = r.sent = True
         r.running = len(ids)
         dur = st[i].model.batch_ms(len(ids)) * noise[seq % len(noise)] / 1000.0
         seq += 1
@@ -311,6 +326,7 @@ def simulate(
             if r is None:
                 break
             r.queue.put(s.pending.take(len(s.pending.chunks[0]) - s.pending.head))
+            r.sent = True
             feed(i, r, t)
 
     def arrive(i: int, ids: np.ndarray, t: float) -> None:
@@ -323,6 +339,7 @@ def simulate(
             route(i, t)
         else:
             r.queue.put(ids)
+            r.sent = True
             feed(i, r, t)
 
     def advance_starts(t: float) -> None:
@@ -368,7 +385,7 @@ def simulate(
             if add > 0:
                 advance_starts(t)
                 for _ in range(add):
-                    r = _Replica(s.pending if shared else _Queue(), False)
+                    r = s.new_replica(ready=False)
                     r.left_s = config.startup_s
                     s.replicas.append(r)
                     starting.append((i, r))
@@ -409,7 +426,7 @@ def simulate(
             break
         account(t)
         if t_tick <= t_ev and t_tick <= t_arr:
-            snap = Snapshot(time_s=t, arrived=ai, stages=tuple(s.snapshot(config.max_ongoing) for s in st))
+            snap = Snapshot(time_s=t, arrived=ai, stages=tuple(s.snapshot() for s in st))
             decided = controller.decide(snap)
             for i, (s, target) in enumerate(zip(st, decided)):
                 actions += target != s.target

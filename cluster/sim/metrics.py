@@ -7,10 +7,13 @@ controller would hand an autoscaling policy:
 * :class:`ServeMetrics` follows Ray Serve 2.60 (:mod:`cluster.observe` describes the path): the handle calling
   a deployment and its replicas each record every ``min(record_interval_factor x look_back_period_s,
   metrics_interval_s)`` seconds and push the points of the last ``look_back_period_s`` every
-  ``metrics_interval_s`` (each source at its own phase); the controller sees, at any time, the last push:
-  ongoing and handle-queued requests as time-weighted means over the pushed points (the last one held until
-  now), custom metrics as raw points. Custom metrics exist only while a replica runs; the entrance's arrival
-  counter is recorded like a stage replica's metrics (the entrance has an ``autoscaling_config``).
+  ``metrics_interval_s`` (each source at its own phase); the controller sees, at any time, the last push.
+  The handle records the requests it holds and, per replica it has sent requests to, those not yet back;
+  the controller sums the series of its running replicas (a stopping replica's drop out) and averages the
+  sum over time from the newest first point among them (:func:`merged_window_mean`), so a replica that
+  joined lately shortens the window. Custom metrics are raw points; they exist only while a replica runs.
+  The entrance's arrival counter is recorded like a stage replica's metrics (the entrance has an
+  ``autoscaling_config``).
 * :class:`ExactMetrics` is the oracle: every count as it is at the tick, custom metrics recorded every tick.
   An upper bound on what any policy could know, not what Serve shows.
 
@@ -47,12 +50,15 @@ class StageSnapshot:
     full_ms: float
     """Summed wall time of the full batches finished so far."""
     full_batches: int
-    max_ongoing: int = 0
-    """Requests a replica accepts before the handle queues them (0: no limit)."""
     busy: int = 0
     """Replicas running a batch."""
     batch_size: int = 1
     """Samples in a full batch."""
+    sent: tuple[tuple[int, int], ...] = ()
+    """(replica id, requests the caller has sent it and it has not finished) for each serving replica that has
+    been sent a request: what the caller's handle records per replica."""
+    held: int = 0
+    """Requests held at the caller (no replica to send them to)."""
 
     @property
     def requests(self) -> int:
@@ -69,10 +75,35 @@ class Snapshot:
     stages: tuple[StageSnapshot, ...]
 
 
-def handle_queued(s: StageSnapshot) -> float:
-    """Requests waiting at the handle: those beyond ``max_ongoing`` per serving replica (all, with none)."""
-    ongoing = s.requests
-    return float(max(0, ongoing - s.max_ongoing * s.ready) if s.max_ongoing else (0 if s.ready else ongoing))
+def merged_window_mean(series: Sequence[Sequence[tuple[float, float]]], now_s: float) -> float:
+    """Serve's ``total_num_requests`` at MEAN aggregation (``AutoscalingState._merge_and_aggregate_timeseries``):
+    the gauges summed into one step function (each value held until its source's next point, the last until
+    ``now_s``) and averaged from the newest first point among the series (before it, a series that started
+    later would count as 0) to ``now_s``; 0 without points. A replica that joined lately so shortens the window
+    to its own points. The mean of the sum is the sum of each series' integral over the window."""
+    live = [s for s in series if s]
+    if not live:
+        return 0.0
+    start = max(s[0][0] for s in live)
+    if now_s <= start:
+        return sum(_value_at(s, start) for s in live)
+    return sum(_integral(s, start, now_s) for s in live) / (now_s - start)
+
+
+def _value_at(points: Sequence[tuple[float, float]], t: float) -> float:
+    """The gauge at ``t``: its newest point at or before ``t`` (0 before its first)."""
+    value = 0.0
+    for when, v in points:
+        if when > t:
+            break
+        value = v
+    return value
+
+
+def _integral(points: Sequence[tuple[float, float]], start: float, end: float) -> float:
+    """The gauge's integral over [start, end], each value held until the next point, the last until ``end``."""
+    ends = [t for t, _ in points[1:]] + [end]
+    return sum(v * max(0.0, min(stop, end) - max(t, start)) for (t, v), stop in zip(points, ends))
 
 
 def time_weighted_mean(points: Sequence[tuple[float, float]], now_s: float) -> float:
@@ -133,6 +164,10 @@ class ServeMetricsConfig:
         return min(self.record_interval_factor * self.look_back_period_s, self.metrics_interval_s)
 
 
+def _replica_key(ident: int) -> str:
+    return f"replica-{ident}"
+
+
 def _custom(now: StageSnapshot, previous: StageSnapshot | None) -> dict[str, float]:
     """A stage replica's ``record_autoscaling_stats`` (summed over its replicas)."""
     out = {QUEUED_METRIC: float(now.queued), RUNNING_METRIC: float(now.running), BUSY_METRIC: now.busy_s}
@@ -172,7 +207,7 @@ class ServeMetrics:
         stages = []
         for i, (name, s) in enumerate(zip(self.names, snap.stages)):
             handle, replicas = self.handles[i], self.replicas[i]
-            handle.advance(now, {"ongoing": float(s.requests), "queued": handle_queued(s)})
+            handle.advance(now, {"queued": float(s.held), **{_replica_key(r): float(n) for r, n in s.sent}})
             due = now + 1e-9 >= replicas.next_record
             replicas.advance(now, _custom(s, self.previous[i]) if s.ready else None)
             if due and s.ready:
@@ -183,7 +218,9 @@ class ServeMetrics:
                     name=name,
                     current_replicas=s.ready,
                     target_replicas=s.target,
-                    total_requests=time_weighted_mean(handle.series("ongoing"), now),
+                    total_requests=merged_window_mean(
+                        [handle.series("queued")] + [handle.series(_replica_key(r)) for r, _ in s.sent], now
+                    ),
                     queued_requests=time_weighted_mean(handle.series("queued"), now),
                     raw={k: [replicas.series(k)] for k in keys},
                 )
@@ -224,7 +261,7 @@ class ExactMetrics:
                     current_replicas=s.ready,
                     target_replicas=s.target,
                     total_requests=float(s.requests),
-                    queued_requests=handle_queued(s),
+                    queued_requests=float(s.held),
                     raw=raw,
                 )
             )
