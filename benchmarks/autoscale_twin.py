@@ -119,6 +119,15 @@ class TwinSetup:
         return [ms * self.batch for ms in self.ms_per_sample]
 
     @property
+    def serve_metrics(self) -> Any:
+        """Serve's metric settings as the simulator takes them (:class:`cluster.sim.metrics.ServeMetricsConfig`)."""
+        from cluster.sim.metrics import ServeMetricsConfig
+
+        return ServeMetricsConfig(
+            metrics_interval_s=self.metrics_interval_s, look_back_period_s=self.look_back_period_s
+        )
+
+    @property
     def capacity_per_s(self) -> float:
         """Requests/s the pipeline carries at ``max_replicas`` everywhere."""
         return min(self.max_replicas * 1000.0 / ms for ms in self.request_ms)
@@ -135,6 +144,9 @@ class Timeline:
 
     service_ms: list[float | None] = field(default_factory=list)
     """Each stage's replica time per request at the end of the run (:func:`measured_service_ms`)."""
+    entrance_points: list[tuple[float, float]] = field(default_factory=list)
+    """(poll, the newest entrance record Serve's controller held then), seconds since the run began: when the
+    entrance records and pushes its metrics (:func:`entrance_offsets`)."""
 
     def replica_seconds(self, until_s: float) -> float:
         """Integral of the replicas holding resources, from 0 to ``until_s`` (each poll holds until the next)."""
@@ -160,6 +172,25 @@ class Timeline:
         return statistics.median(waits) if waits else None
 
 
+def entrance_offsets(points: list[tuple[float, float]], record_s: float, push_s: float) -> tuple[float, float] | None:
+    """When the entrance first records and first pushes in a run (seconds in [0, record_s) and [0, push_s)),
+    from ``points`` (:attr:`Timeline.entrance_points`): its records' own times, and the pushes' as the middle
+    of the polls between which the controller's newest record changed; each a circular mean over the run.
+    None: fewer than two pushes seen."""
+    records = sorted({t for _, t in points})
+    pushes = [(a[0] + b[0]) / 2 for a, b in zip(points, points[1:]) if b[1] != a[1]]
+    if len(records) < 2 or len(pushes) < 2:
+        return None
+    return _circular_mean(records, record_s), _circular_mean(pushes, push_s)
+
+
+def _circular_mean(times: list[float], period: float) -> float:
+    """The mean phase of ``times`` on a circle of ``period`` seconds, in [0, period)."""
+    angles = np.asarray(times) * 2 * np.pi / period
+    mean = float(np.arctan2(np.sin(angles).mean(), np.cos(angles).mean()))
+    return (mean % (2 * np.pi)) * period / (2 * np.pi)
+
+
 def _stage_names(n: int) -> list[str]:
     from serve_app.names import stage_name
 
@@ -169,19 +200,24 @@ def _stage_names(n: int) -> list[str]:
 class Poller:
     """Polls replica counts every ``period_s`` in a thread."""
 
-    def __init__(self, stages: list[str], start: float, period_s: float = 1.0) -> None:
-        self.stages, self.start, self.period_s = stages, start, period_s
+    def __init__(self, stages: list[str], start: float, epoch_s: float, period_s: float = 1.0) -> None:
+        """``start``: the run's start on ``time.monotonic()``, ``epoch_s`` on ``time.time()`` (Serve's clock)."""
+        self.stages, self.start, self.epoch_s, self.period_s = stages, start, epoch_s, period_s
         self.timeline = Timeline()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        from serve_app.ray_internals import serve_details
+        from serve_app.names import ARRIVED_METRIC, ENTRANCE
+        from serve_app.ray_internals import replica_metrics, serve_details
 
         while not self.stop.is_set():
             details = serve_details()
             now = time.monotonic() - self.start
+            recorded = [s[-1][0] for s in replica_metrics(APP, ENTRANCE).get(ARRIVED_METRIC, []) if s]
+            if recorded:
+                self.timeline.entrance_points.append((now, max(recorded) - self.epoch_s))
             if details is not None and APP in details.applications:
                 deployments = details.applications[APP].deployments
                 if all(s in deployments for s in self.stages):
@@ -366,8 +402,8 @@ def run_live(
     x = np.zeros((setup.batch, setup.width), np.float32)
     for _ in range(3):  # warm the path (handles, routers) before the clock starts
         serve.get_app_handle(APP).infer.remote(x).result(timeout_s=60)
-    start = time.monotonic()
-    poller = Poller(stages, start)
+    start, epoch_s = time.monotonic(), time.time()
+    poller = Poller(stages, start, epoch_s)
     try:
         finish = asyncio.run(_drive(times_s, x, start, duration_s - float(times_s[-1]) + drain_s))
         while time.monotonic() - start < duration_s:
@@ -405,16 +441,18 @@ def run_sim(
     routing: str = "replicas",
     startup_slots: float = 0.0,
     seed: int = 0,
+    entrance_offsets_s: tuple[float, float] | None = None,
 ) -> Any:
     """The simulator on the twin's parameters: the same stages, arrivals, delays, Serve metrics and routing
     (``routing``; each stage replica holding up to the application's ``max_ongoing_requests``), with the
     run's measured start-up, replica time per request (``service_ms``; the sleep where None) and time in
     transit (``transit_ms``: what a request spends outside the stages' replicas, added to its latency).
     ``startup_slots``: start-ups that share the machine (:attr:`cluster.sim.engine.SimConfig.startup_slots`;
-    ``startup_s`` is then one start-up alone)."""
+    ``startup_s`` is then one start-up alone). ``seed`` draws the metric sources' phases and the router's
+    choices; ``entrance_offsets_s`` sets the entrance's phase (:func:`entrance_offsets`)."""
     from cluster.policy import PolicyConfig, StageSpec
     from cluster.sim.engine import SimConfig, StageModel, simulate
-    from cluster.sim.metrics import ServeMetrics, ServeMetricsConfig
+    from cluster.sim.metrics import ServeMetrics
     from cluster.sim.policies import Coordinated, RayDefault, RayDefaultConfig
 
     measured = service_ms or [None] * len(specs)
@@ -424,11 +462,7 @@ def run_sim(
         )
         for s, ms, m in zip(specs, setup.request_ms, measured)
     ]
-    metrics = ServeMetrics(
-        [m.name for m in models],
-        ServeMetricsConfig(metrics_interval_s=setup.metrics_interval_s, look_back_period_s=setup.look_back_period_s),
-        seed=seed,
-    )
+    metrics = ServeMetrics([m.name for m in models], setup.serve_metrics, seed, entrance_offsets_s)
     config = PolicyConfig(
         stages=tuple(StageSpec(**s) for s in specs),
         upscale_delay_s=setup.upscale_delay_s,
@@ -548,10 +582,17 @@ def compare(
         live = run["live"]
         startup_s = live["startup_s"] or report["setup"]["startup_s_measured"]  # each run's own machine
         service = [m if m is not None else ms for m, ms in zip(live["timeline"]["service_ms"], setup.request_ms)]
+        metrics = setup.serve_metrics
+        offsets = entrance_offsets(
+            [tuple(p) for p in live["timeline"]["entrance_points"]],
+            metrics.record_interval_s,
+            metrics.metrics_interval_s,
+        )
         run["sim_parameters"] = {
             "startup_s": startup_s,
             "service_ms": service,
             "transit_ms": transit_ms(live["latency_ms"], service),
+            "entrance_offsets_s": offsets,
         }
     return simulate_runs(report, setup, routing, progress, phases=phases)
 
@@ -563,6 +604,7 @@ def simulate_runs(
     progress: Callable[[str], None] = print,
     startup_slots: float = 0.0,
     phases: int = 1,
+    entrance_offsets_s: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """The simulator on every live run of ``report`` with that run's ``sim_parameters`` (its measured
     start-up, replica time per request and transit), under ``routing``; adds ``sim`` and ``sim_vs_live``.
@@ -571,7 +613,9 @@ def simulate_runs(
     records and pushes relative to the load, and the router's random choices), since a live run's phases are
     one draw that nobody measures. ``sim`` holds seed 0's figures and ``sim_phases`` each seed's recovery,
     replica-seconds and attainment; ``sim_vs_live`` compares the median over the phases (a recovery that
-    never comes counts as the longest) and says whether the live recovery lies within the phases' range.
+    never comes counts as the longest) and says whether the live recovery lies within the phases' range. The
+    entrance's phase is the one measured on the live run (``sim_parameters["entrance_offsets_s"]``), or
+    ``entrance_offsets_s`` where given (a run recorded before it was measured); drawn like the others without.
 
     With ``startup_slots`` the start-ups share the machine: one start-up alone is fitted per workload so that
     the simulated Ray default run starts its replicas in the median time its live run measured
@@ -584,9 +628,10 @@ def simulate_runs(
 
     def sim(kind: str, policy: str, par: dict[str, Any], startup_s: float, phase: int = 0) -> Any:
         times = arrivals(workload_of(kind, setup, change_s), duration_s, seed)
+        offsets = entrance_offsets_s or par.get("entrance_offsets_s")
         return run_sim(
             specs, setup, policy, times, duration_s, startup_s, par["service_ms"], par["transit_ms"], routing,
-            startup_slots, seed=phase,
+            startup_slots, phase, None if offsets is None else (offsets[0], offsets[1]),
         )  # fmt: skip
 
     alone: dict[str, float] = {}
@@ -740,6 +785,11 @@ def main() -> None:
         help="Simulate each run at this many metric phases (seeds 0, 1, ...) and compare the median with live.",
     )
     parser.add_argument(
+        "--entrance-offsets-s",
+        help="With --resimulate: the entrance's first record and first push (s after the load began), e.g. 4.6,2.4, "
+        "for runs recorded before they were measured.",
+    )
+    parser.add_argument(
         "--startup-slots",
         type=float,
         default=0.0,
@@ -767,7 +817,10 @@ def main() -> None:
         fields.setdefault("rate_noise_sigmas", 0.0)
         setup = TwinSetup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         setup = replace(setup, **what_if)  # the same runs' parameters under the policy settings given
-        report = simulate_runs(report, setup, a.routing, startup_slots=a.startup_slots, phases=a.phases)
+        offsets = None if a.entrance_offsets_s is None else tuple(float(v) for v in a.entrance_offsets_s.split(","))
+        report = simulate_runs(
+            report, setup, a.routing, startup_slots=a.startup_slots, phases=a.phases, entrance_offsets_s=offsets
+        )
     else:
         report = compare(
             setup,

@@ -122,10 +122,9 @@ class _Source:
     """A recorder (the handle calling a deployment, or its replicas): records on its period, pushes the points
     of the look-back window on its own; ``pushed`` is what the controller holds."""
 
-    def __init__(self, record_s: float, push_s: float, look_back_s: float, phase: float) -> None:
+    def __init__(self, record_s: float, push_s: float, look_back_s: float, first_record_s: float, first_push_s: float):
         self.record_s, self.push_s, self.look_back_s = record_s, push_s, look_back_s
-        self.next_record = phase * record_s
-        self.next_push = phase * push_s
+        self.next_record, self.next_push = first_record_s, first_push_s
         self.store: list[tuple[float, dict[str, float]]] = []
         self.pushed: list[tuple[float, dict[str, float]]] = []
 
@@ -182,13 +181,27 @@ class ServeMetrics:
 
     name = "serve"
 
-    def __init__(self, stage_names: Sequence[str], config: ServeMetricsConfig = ServeMetricsConfig(), seed: int = 0):
+    def __init__(
+        self,
+        stage_names: Sequence[str],
+        config: ServeMetricsConfig = ServeMetricsConfig(),
+        seed: int = 0,
+        entrance_offsets_s: tuple[float, float] | None = None,
+    ) -> None:
+        """Each source's phase is drawn from ``seed``; ``entrance_offsets_s`` (first record, first push, seconds)
+        sets the entrance's instead, e.g. as measured on a live run."""
         self.names, self.config = list(stage_names), config
         rng = np.random.default_rng((seed, 2))
         r, p, lb = config.record_interval_s, config.metrics_interval_s, config.look_back_period_s
-        self.handles = [_Source(r, p, lb, float(rng.uniform())) for _ in self.names]
-        self.replicas = [_Source(r, p, lb, float(rng.uniform())) for _ in self.names]
-        self.entrance = _Source(r, p, lb, float(rng.uniform()))
+
+        def source(phase: float) -> _Source:
+            return _Source(r, p, lb, phase * r, phase * p)
+
+        self.handles = [source(float(rng.uniform())) for _ in self.names]
+        self.replicas = [source(float(rng.uniform())) for _ in self.names]
+        self.entrance = source(float(rng.uniform()))
+        if entrance_offsets_s is not None:
+            self.entrance = _Source(r, p, lb, *entrance_offsets_s)
         self.previous: list[StageSnapshot | None] = [None] * len(self.names)
 
     def describe(self) -> dict[str, Any]:

@@ -116,6 +116,8 @@ def test_each_policy_scales_every_stage_up_then_down(served: Served, policy: str
     assert set(report) >= REPORT_FIELDS, sorted(REPORT_FIELDS - set(report))
     assert report["requests"] == len(times) and report["replica_seconds"] > 0
     assert len(report["replicas_over_time"]) == len(report["p99_over_time"])
+    # the entrance's newest record as Serve's controller held it at each poll (ray_internals.replica_metrics)
+    assert timeline.entrance_points and all(t <= poll + 1.0 for poll, t in timeline.entrance_points)
 
 
 def test_status_json_of_running_app(served: Served) -> None:
