@@ -18,8 +18,10 @@ arrivals`, same workload and seed), sent open-loop through the application's han
 polled every second. Each run reports what ``partserve simulate`` reports (:func:`cluster.sim.report.
 summarize`: p50/p99, SLO attainment, replica-seconds, recovery after the step) plus the rolling p99, the
 replicas over time and the latencies, and what it measured of the machine: replica start-up, each stage's
-replica time per request, time in transit. The simulator then runs the same workload with those, under the
-same observation model (``serve``) and delays. The JSON is written after every live run; stop a run with
+replica time per request, time in transit, and when the entrance records and pushes its metrics. The
+simulator then runs the same workload with those, under the same observation model (``serve``) and delays,
+at ``--phases`` draws of the other metric sources' phases (the median is compared with live). The JSON is
+written after every live run; stop a run with
 SIGTERM (Ray's driver handler turns it into an exit that stops the local Ray).
 """
 

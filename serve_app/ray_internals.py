@@ -90,12 +90,16 @@ def replica_metrics(app: str, deployment: str) -> dict[str, list[list[tuple[floa
     """What Serve's controller holds of a deployment's replica-recorded autoscaling metrics (the custom ones of
     ``record_autoscaling_stats``): ``{name: one series of (epoch s, value) per running replica}``, the points
     of the last push within the look-back window (``ServeController._get_metrics_for_deployment_for_testing``).
-    The live twin reads from it when the entrance records and pushes, to simulate with the same phases."""
+    The live twin reads from it when the entrance records and pushes, to simulate with the same phases. Empty
+    for a deployment without an ``autoscaling_config`` (the controller keeps no autoscaling state for it)."""
     from ray.serve._private.common import DeploymentID
     from ray.serve.context import _get_global_client
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
         return {}
-    held = ray.get(client._controller._get_metrics_for_deployment_for_testing.remote(DeploymentID(deployment, app)))
+    try:
+        held = ray.get(client._controller._get_metrics_for_deployment_for_testing.remote(DeploymentID(deployment, app)))
+    except KeyError:  # Ray re-raises the controller's KeyError as a RayTaskError that is also a KeyError
+        return {}
     return {name: [[(p.timestamp, float(p.value)) for p in s] for s in series] for name, series in held.items()}
