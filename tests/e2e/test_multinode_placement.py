@@ -38,8 +38,16 @@ from tests import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
-RETRYABLE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "DeploymentUnavailableError")
-"""Failures a client may retry: the replica (or its node) went away while serving the request."""
+RETRYABLE = (
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "RayActorError",
+    "DeploymentUnavailableError",
+    "DeadlineExceeded",
+)
+"""Failures a client may retry: the replica (or its node) went away while serving the request, or the
+entrance's deadline for it (60 s from its arrival) passed while the lost node's stages were replaced (seen
+on a loaded 2-core host: 4 of 69 requests, recovery 37.8 s). An answer either way; lost is no answer."""
 
 
 @pytest.fixture(scope="module")
