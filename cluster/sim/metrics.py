@@ -79,8 +79,9 @@ def merged_window_mean(series: Sequence[Sequence[tuple[float, float]]], now_s: f
     """Serve's ``total_num_requests`` at MEAN aggregation (``AutoscalingState._merge_and_aggregate_timeseries``):
     the gauges summed into one step function (each value held until its source's next point, the last until
     ``now_s``) and averaged from the newest first point among the series (before it, a series that started
-    later would count as 0) to ``now_s``; 0 without points. A replica that joined lately so shortens the window
-    to its own points. The mean of the sum is the sum of each series' integral over the window."""
+    later would count as 0) to ``now_s``; 0 without points, and one series' time-weighted mean for one. A
+    replica that joined lately so shortens the window to its own points. The mean of the sum is the sum of
+    each series' integral over the window."""
     live = [s for s in series if s]
     if not live:
         return 0.0
@@ -104,18 +105,6 @@ def _integral(points: Sequence[tuple[float, float]], start: float, end: float) -
     """The gauge's integral over [start, end], each value held until the next point, the last until ``end``."""
     ends = [t for t, _ in points[1:]] + [end]
     return sum(v * max(0.0, min(stop, end) - max(t, start)) for (t, v), stop in zip(points, ends))
-
-
-def time_weighted_mean(points: Sequence[tuple[float, float]], now_s: float) -> float:
-    """Serve's MEAN aggregation of one merged series: each value holds until the next point, the last until
-    ``now_s``; 0 without points."""
-    if not points:
-        return 0.0
-    if len(points) == 1 or now_s <= points[0][0]:
-        return points[-1][1]
-    ends = [t for t, _ in points[1:]] + [max(now_s, points[-1][0] + 1e-3)]
-    total = sum(v * (end - t) for (t, v), end in zip(points, ends))
-    return total / (ends[-1] - points[0][0])
 
 
 class _Source:
@@ -199,9 +188,8 @@ class ServeMetrics:
 
         self.handles = [source(float(rng.uniform())) for _ in self.names]
         self.replicas = [source(float(rng.uniform())) for _ in self.names]
-        self.entrance = source(float(rng.uniform()))
-        if entrance_offsets_s is not None:
-            self.entrance = _Source(r, p, lb, *entrance_offsets_s)
+        drawn = float(rng.uniform())  # drawn either way, so a seed gives the other sources the same phases
+        self.entrance = source(drawn) if entrance_offsets_s is None else _Source(r, p, lb, *entrance_offsets_s)
         self.previous: list[StageSnapshot | None] = [None] * len(self.names)
 
     def describe(self) -> dict[str, Any]:
@@ -234,7 +222,7 @@ class ServeMetrics:
                     total_requests=merged_window_mean(
                         [handle.series("queued")] + [handle.series(_replica_key(r)) for r, _ in s.sent], now
                     ),
-                    queued_requests=time_weighted_mean(handle.series("queued"), now),
+                    queued_requests=merged_window_mean([handle.series("queued")], now),
                     raw={k: [replicas.series(k)] for k in keys},
                 )
             )

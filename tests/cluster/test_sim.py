@@ -18,7 +18,6 @@ from cluster.sim.metrics import (
     Snapshot,
     StageSnapshot,
     merged_window_mean,
-    time_weighted_mean,
 )
 from cluster.sim.policies import (
     Coordinated,
@@ -222,11 +221,11 @@ def test_budget_below_demand_balances_throughputs() -> None:
     assert throughput.max() <= 1.1 * throughput.min()  # measured: r = 9, 13, 11, 7 -> 424, 416, 419, 431 /s
 
 
-def test_time_weighted_mean_holds_the_last_point_until_now() -> None:
+def test_window_mean_of_one_series_holds_the_last_point_until_now() -> None:
     # 4 for 6 s, 10 for 6 s, 1 for the 3 s since: (24 + 60 + 3) / 15 = 5.8
-    assert time_weighted_mean([(0.0, 4.0), (6.0, 10.0), (12.0, 1.0)], 15.0) == pytest.approx(5.8)
-    assert time_weighted_mean([(3.0, 7.0)], 9.0) == 7.0
-    assert time_weighted_mean([], 9.0) == 0.0
+    assert merged_window_mean([[(0.0, 4.0), (6.0, 10.0), (12.0, 1.0)]], 15.0) == pytest.approx(5.8)
+    assert merged_window_mean([[(3.0, 7.0)]], 9.0) == 7.0
+    assert merged_window_mean([[]], 9.0) == 0.0
 
 
 def test_merged_window_mean_is_serves_total_num_requests() -> None:
@@ -235,7 +234,7 @@ def test_merged_window_mean_is_serves_total_num_requests() -> None:
     running_1, running_2 = [(0.2, 5.0), (0.8, 7.0), (1.5, 6.0)], [(0.1, 3.0), (0.9, 4.0), (1.4, 8.0)]
     queued = [(0.3, 2.0), (1.0, 3.0)]
     assert merged_window_mean([running_1, running_2, queued], 2.0) == pytest.approx(23.4 / 1.7)
-    assert merged_window_mean([[], running_1], 2.0) == time_weighted_mean(running_1, 2.0)
+    assert merged_window_mean([[], running_1], 2.0) == pytest.approx((5 * 0.6 + 7 * 0.7 + 6 * 0.5) / 1.8)
     assert merged_window_mean([], 2.0) == 0.0
 
 
@@ -299,7 +298,7 @@ def test_serve_metrics_record_push_and_look_back() -> None:
     assert 79.0 - arrived[-1][0] < 6.0 + 10.0  # the newest point: at most a record and a push interval old
     assert all(v == 10 * t for t, v in arrived)  # a counter, read exactly at each record
     queued = stage.raw["queued"][0]
-    assert stage.total_requests == pytest.approx(time_weighted_mean(metrics.handles[0].series("replica-1"), 79.0))
+    assert stage.total_requests == pytest.approx(merged_window_mean([metrics.handles[0].series("replica-1")], 79.0))
     assert queued[-1][1] == queued[-1][0]  # the replica's own gauge at its record time
     assert stage.total_requests < 79  # a window mean of a rising queue lags the count of now
 
