@@ -125,22 +125,35 @@ def test_each_policy_scales_every_stage_up_then_down(served: Served, policy: str
         assert points == []
 
 
-def test_status_json_of_running_app(served: Served) -> None:
+def status_after_requests(served: Served, attempts: int = 3) -> dict[str, Any]:
+    """``partserve status --json`` after 4 requests, asked again (up to ``attempts`` times) while a stage reports
+    no batch: the autoscaling tests before this one leave the app scaling down, and a replica that starts or
+    replaces the one that served the requests has no batch in its window yet."""
     handle = serve.get_app_handle(APP)
     x = np.zeros((SETUP.batch, SETUP.width), np.float32)
-    for r in [handle.infer.remote(x) for _ in range(4)]:
-        r.result(timeout_s=60)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
-    r = subprocess.run(
-        [sys.executable, "-m", "partserve", "status", "--address", served.gcs_address, "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
-    (app,) = json.loads(r.stdout)["applications"]
+    for _ in range(attempts):
+        for r in [handle.infer.remote(x) for _ in range(4)]:
+            r.result(timeout_s=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "partserve", "status", "--address", served.gcs_address, "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        stages = [d["stage"] for a in status["applications"] for d in a["deployments"] if d["name"] in STAGES]
+        if all(s is not None and s["batch_samples"] is not None for s in stages):
+            break
+    return status
+
+
+def test_status_json_of_running_app(served: Served) -> None:
+    status = status_after_requests(served)
+    (app,) = status["applications"]
     assert app["name"] == APP and app["status"] == "RUNNING"
     deployments = {d["name"]: d for d in app["deployments"]}
     assert list(deployments) == ["entrance", *STAGES]

@@ -9,6 +9,7 @@ tables.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import signal
 import threading
@@ -48,6 +49,8 @@ of the batches on that replica (at most one request per sender: 8), each of whic
 more times; Serve's router drops the dead replica at the first failure, so the retries go to the surviving
 one, and a 503 needs every try to fail. Measured here: none, out of 36 to 102 requests per scenario (the
 machine is shared; the count depends on its load). 10 % leaves room for one unlucky request at that count."""
+KILL_ATTEMPTS = 3
+"""Kills per scenario at most, until one hits a request under way."""
 MODEL = ("demo-transformer", {"layers": 4, "width": 256, "seq_len": 128})
 """About 50 ms per stage batch of 8 here: a killed replica has requests in flight."""
 NAME = "model"
@@ -166,8 +169,18 @@ def under_load(served: Served, app: str, fault: Callable[[], None], tally: Tally
             sender.result(timeout=TIMEOUT_S + 30)
 
 
-def stage_replica(app: str, deployment: str) -> Replica:
-    return next(r for r in replicas(app) if r.deployment == deployment)
+def live_replica(app: str, deployment: str, killed: list[Replica], timeout_s: float = 60.0) -> Replica:
+    """A RUNNING replica of ``deployment`` that is not one of ``killed`` (Serve may still list a killed one
+    for a moment), waiting up to ``timeout_s`` for Serve to have replaced them."""
+    gone = {r.actor_name for r in killed}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [r for r in replicas(app) if r.deployment == deployment and r.actor_name not in gone]
+        if alive:
+            return alive[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no running replica of {deployment} but the killed ones after {timeout_s} s")
+        time.sleep(0.5)
 
 
 def wait_busy(replica: Replica, timeout_s: float = 30.0) -> ray.actor.ActorHandle:
@@ -198,12 +211,10 @@ def print_table(title: str, rows: dict[str, tuple[Tally, str]]) -> None:
 def test_stage_replica_deaths_lose_no_request(served: Served) -> None:
     rows: dict[str, tuple[Tally, str]] = {}
 
-    def ray_kill() -> None:
-        victim = stage_replica(FAULTS, "stage-0")
+    def ray_kill(victim: Replica) -> None:
         ray.kill(wait_busy(victim), no_restart=True)
 
-    def sigkill() -> None:
-        victim = stage_replica(FAULTS, "stage-1")
+    def sigkill(victim: Replica) -> None:
         wait_busy(victim)
         os.kill(victim.pid, signal.SIGKILL)
 
@@ -213,23 +224,33 @@ def test_stage_replica_deaths_lose_no_request(served: Served) -> None:
         ("ray.kill stage-0 replica", ray_kill, "stage-0"),
         ("SIGKILL stage-1 replica worker", sigkill, "stage-1"),
     ):
-        killed.append(stage_replica(FAULTS, deployment))
-        tally, retries_before = Tally(), entrance_retries(FAULTS)
-        start = time.monotonic()
-        under_load(served, FAULTS, fault, tally)
-        retried[name] = entrance_retries(FAULTS) - retries_before
-        share = tally.explicit / max(tally.sent, 1)
-        notes = f"{time.monotonic() - start:.1f} s, entrance retries {retried[name]}, 503 share {share:.1%}"
-        rows[name] = (tally, notes)
+        # A stage batch takes tens of milliseconds: it may end between the replica reporting it and the
+        # kill arriving (ray.kill goes through the GCS), and then the kill hit no request. Kill another
+        # replica until one hits a request under way; every attempt must lose none.
+        for attempt in range(1, KILL_ATTEMPTS + 1):
+            victim = live_replica(FAULTS, deployment, killed)
+            killed.append(victim)
+            tally, retries_before = Tally(), entrance_retries(FAULTS)
+            start = time.monotonic()
+            under_load(served, FAULTS, functools.partial(fault, victim), tally)
+            retried[name] = entrance_retries(FAULTS) - retries_before
+            share = tally.explicit / max(tally.sent, 1)
+            notes = (
+                f"{time.monotonic() - start:.1f} s, entrance retries {retried[name]}, 503 share {share:.1%},"
+                f" kill {attempt}"
+            )
+            rows[f"{name} ({attempt})"] = (tally, notes)
+            if retried[name] >= 1:
+                break
     print_table("fault table (2 replicas per stage; HTTP and handle senders)", rows)
     for name, (tally, _) in rows.items():
         assert tally.lost == 0, f"{name}: {tally.lost_examples}"
         assert tally.correct > 0, name
         assert tally.explicit <= MAX_EXPLICIT_SHARE * tally.sent, f"{name}: {tally.explicit} of {tally.sent} were 503"
-    # Each kill waited for the replica to be running a batch (wait_busy): the entrance must have seen its
-    # requests fail and tried them again.
+    # Each kill waited for the replica to be running a batch (wait_busy): within KILL_ATTEMPTS kills, the
+    # entrance must have seen requests fail and tried them again.
     for name, n in retried.items():
-        assert n >= 1, f"{name} hit no request in flight: {retried}"
+        assert n >= 1, f"{name} hit no request in flight in {KILL_ATTEMPTS} kills: {retried}"
     deadline = time.monotonic() + 30
     while any(os.path.exists(f"/proc/{r.pid}") for r in killed) and time.monotonic() < deadline:
         time.sleep(0.5)
