@@ -29,7 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from cluster.errors import check
-from cluster.sim.metrics import Snapshot, StageSnapshot
+from cluster.sim.metrics import ReplicaSnapshot, Snapshot, StageSnapshot
 
 _DONE, _READY = 0, 1
 ROUTINGS = ("replicas", "shared")
@@ -193,6 +193,8 @@ class _Replica:
         """Whether it has been sent a request (the caller's handle records a replica from its first request)."""
         self.left_s = 0.0
         """Start-up work left (seconds at full speed), while it starts."""
+        self.busy_s, self.full_ms, self.full_batches = 0.0, 0.0, 0
+        """Its own counters, as it reports them (``record_autoscaling_stats``)."""
 
 
 class _Stage:
@@ -248,6 +250,24 @@ class _Stage:
                 if r.ready and r.sent
             ),
             held=math.ceil(self.pending.count / size),
+            replicas=self.replica_snapshots(),
+        )
+
+    def replica_snapshots(self) -> tuple[ReplicaSnapshot, ...]:
+        """The serving replicas' own figures: each its own queue (a shared queue in equal shares, so that the
+        replicas' sum is the stage's), its running batch and its counters."""
+        serving = self.serving()
+        share = self.pending.count / len(serving) if self.shared and serving else 0.0
+        return tuple(
+            ReplicaSnapshot(
+                ident=r.ident,
+                queued=share if self.shared else float(r.queue.count),
+                running=r.running,
+                busy_s=r.busy_s,
+                full_ms=r.full_ms,
+                full_batches=r.full_batches,
+            )
+            for r in serving
         )
 
 
@@ -457,9 +477,12 @@ def simulate(
             r.busy, r.running = False, 0
             s.completed += len(ids)
             s.busy_s += dur
+            r.busy_s += dur
             if len(ids) == s.model.max_batch_size:
                 s.full_ms += dur * 1000.0
                 s.full_batches += 1
+                r.full_ms += dur * 1000.0
+                r.full_batches += 1
             if i + 1 < len(st):
                 arrive(i + 1, ids, t)
             else:

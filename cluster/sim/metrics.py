@@ -11,7 +11,9 @@ controller would hand an autoscaling policy:
   The handle records the requests it holds and, per replica it has sent requests to, those not yet back;
   the controller sums the series of its running replicas (a stopping replica's drop out) and averages the
   sum over time from the newest first point among them (:func:`merged_window_mean`), so a replica that
-  joined lately shortens the window. Custom metrics are raw points; they exist only while a replica runs.
+  joined lately shortens the window. Custom metrics are raw points, one series per replica; a replica records
+  and pushes from the moment it is ready (its first points then, its phase its own), and its series exist only
+  while it runs. The replicas running at the start have drawn phases.
   The entrance's arrival counter is recorded like a stage replica's metrics (the entrance has an
   ``autoscaling_config``).
 * :class:`ExactMetrics` is the oracle: every count as it is at the tick, custom metrics recorded every tick.
@@ -33,6 +35,19 @@ import numpy as np
 from cluster.errors import check
 from cluster.observe import DeploymentMetrics
 from serve_app.names import ARRIVED_METRIC, BUSY_METRIC, ENTRANCE, FULL_BATCH_METRIC, QUEUED_METRIC, RUNNING_METRIC
+
+
+@dataclass(frozen=True)
+class ReplicaSnapshot:
+    """One serving replica at a tick: what its ``record_autoscaling_stats`` reads; counters from its start."""
+
+    ident: int
+    queued: float
+    """Samples in its own queue."""
+    running: int
+    busy_s: float
+    full_ms: float
+    full_batches: int
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,8 @@ class StageSnapshot:
     been sent a request: what the caller's handle records per replica."""
     held: int = 0
     """Requests held at the caller (no replica to send them to)."""
+    replicas: tuple[ReplicaSnapshot, ...] = ()
+    """The serving replicas, each as it reports itself."""
 
     @property
     def requests(self) -> int:
@@ -152,12 +169,17 @@ class ServeMetricsConfig:
         return min(self.record_interval_factor * self.look_back_period_s, self.metrics_interval_s)
 
 
+def _next_at(began_s: float, period_s: float, now_s: float) -> float:
+    """The first time at or after ``now_s`` of a timer that fired at ``began_s`` and every ``period_s`` since."""
+    return began_s + period_s * math.ceil((now_s - began_s) / period_s - 1e-9)
+
+
 def _replica_key(ident: int) -> str:
     return f"replica-{ident}"
 
 
-def _custom(now: StageSnapshot, previous: StageSnapshot | None) -> dict[str, float]:
-    """A stage replica's ``record_autoscaling_stats`` (summed over its replicas)."""
+def _custom(now: StageSnapshot | ReplicaSnapshot, previous: StageSnapshot | ReplicaSnapshot | None) -> dict[str, float]:
+    """A replica's ``record_autoscaling_stats`` (of a stage: summed over its replicas)."""
     out = {QUEUED_METRIC: float(now.queued), RUNNING_METRIC: float(now.running), BUSY_METRIC: now.busy_s}
     batches = now.full_batches - (previous.full_batches if previous else 0)
     if batches > 0:
@@ -187,10 +209,14 @@ class ServeMetrics:
             return _Source(r, p, lb, phase * r, phase * p)
 
         self.handles = [source(float(rng.uniform())) for _ in self.names]
-        self.replicas = [source(float(rng.uniform())) for _ in self.names]
         drawn = float(rng.uniform())  # drawn either way, so a seed gives the other sources the same phases
         self.entrance = source(drawn) if entrance_offsets_s is None else _Source(r, p, lb, *entrance_offsets_s)
-        self.previous: list[StageSnapshot | None] = [None] * len(self.names)
+        self._initial_phases = np.random.default_rng((seed, 3))
+        self._started = False
+        self.replicas: list[dict[int, _Source]] = [{} for _ in self.names]
+        """Per stage, a source per running replica (its id)."""
+        self.previous: list[dict[int, ReplicaSnapshot]] = [{} for _ in self.names]
+        """Per stage and replica, the snapshot of its newest record."""
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -201,19 +227,45 @@ class ServeMetrics:
             "look_back_period_s": c.look_back_period_s,
         }
 
+    def _replica_sources(self, i: int, stage: StageSnapshot, now: float) -> list[_Source]:
+        """Stage i's running replicas' sources, advanced to ``now``: a replica seen for the first time records
+        and pushes now (those running at the start, at a drawn phase); a replica gone takes its series along."""
+        c = self.config
+        sources, previous = self.replicas[i], self.previous[i]
+        for gone in set(sources) - {r.ident for r in stage.replicas}:
+            del sources[gone]
+            previous.pop(gone, None)
+        for r in stage.replicas:
+            if r.ident not in sources:
+                # it started (recorded and pushed first) at `began`: now, or for those running at the start, a
+                # drawn time in the look-back window before it
+                began = now - (0.0 if self._started else float(self._initial_phases.uniform()) * c.look_back_period_s)
+                sources[r.ident] = _Source(
+                    c.record_interval_s,
+                    c.metrics_interval_s,
+                    c.look_back_period_s,
+                    _next_at(began, c.record_interval_s, now),
+                    _next_at(began, c.metrics_interval_s, now),
+                )
+            source = sources[r.ident]
+            if now + 1e-9 >= source.next_record:
+                previous_record = previous.get(r.ident)
+                previous[r.ident] = r
+                source.advance(now, _custom(r, previous_record))
+            else:
+                source.advance(now, None)
+        return list(sources.values())
+
     def view(self, snap: Snapshot) -> tuple[DeploymentMetrics, list[DeploymentMetrics]]:
         """(the entrance, the stages) as the controller holds them at ``snap.time_s``."""
         now = snap.time_s
         self.entrance.advance(now, {ARRIVED_METRIC: float(snap.arrived), QUEUED_METRIC: 0.0})
         stages = []
         for i, (name, s) in enumerate(zip(self.names, snap.stages)):
-            handle, replicas = self.handles[i], self.replicas[i]
+            handle = self.handles[i]
             handle.advance(now, {"queued": float(s.held), **{_replica_key(r): float(n) for r, n in s.sent}})
-            due = now + 1e-9 >= replicas.next_record
-            replicas.advance(now, _custom(s, self.previous[i]) if s.ready else None)
-            if due and s.ready:
-                self.previous[i] = s
-            keys = {k for _, v in replicas.pushed for k in v}
+            sources = self._replica_sources(i, s, now)
+            keys = {k for source in sources for _, v in source.pushed for k in v}
             stages.append(
                 DeploymentMetrics(
                     name=name,
@@ -223,9 +275,10 @@ class ServeMetrics:
                         [handle.series("queued")] + [handle.series(_replica_key(r)) for r, _ in s.sent], now
                     ),
                     queued_requests=merged_window_mean([handle.series("queued")], now),
-                    raw={k: [replicas.series(k)] for k in keys},
+                    raw={k: [source.series(k) for source in sources] for k in keys},
                 )
             )
+        self._started = True
         entrance = DeploymentMetrics(
             name=ENTRANCE,
             current_replicas=1,
