@@ -78,8 +78,8 @@ class PolicyConfig:
     target_utilisation: float = 0.85
     """Fraction of a replica's full-batch rate the steady-state demand may use (a backlog gets replicas of its
     own, ``drain_time_s``). Lower keeps more headroom for bursts at more replica-seconds: in the simulator's
-    bursty run 0.7 kept the SLO for 96.9% of requests at 16,040 replica-s, 0.85 for 89.0% at 13,470 (both
-    without the band against rate noise; 88.2% at 13,100 with it; BENCHMARKS.md, "Autoscaling")."""
+    bursty run 0.7 kept the SLO for 97.4% of requests at 16,881 replica-s, 0.85 for 87.3% at 14,725
+    (BENCHMARKS.md, "Autoscaling")."""
     drain_time_s: float = 10.0
     """A backlog is sized to be worked off within this time."""
     gpu_budget: float | None = None
