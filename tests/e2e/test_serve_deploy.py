@@ -28,9 +28,15 @@ from tests.serve_fixtures import PlannedModel, rel_err
 pytestmark = pytest.mark.slow
 
 
+DASHBOARD_WAIT_S = 300.0
+"""How long ``serve deploy`` is tried while the new cluster's dashboard comes up: under a minute on an idle
+2-core machine, more than 90 s seen while the other test worker starts Serve replicas."""
+
+
 @pytest.fixture
-def cluster() -> Iterator[tuple[str, dict[str, str]]]:
-    """The dashboard address of a fresh single-node cluster and the environment that reaches it."""
+def cluster() -> Iterator[tuple[str, dict[str, str], Path]]:
+    """The dashboard address of a fresh single-node cluster, the environment that reaches it, and the log of
+    its ``ray start``."""
     temp = tempfile.mkdtemp(prefix="psr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -52,7 +58,7 @@ def cluster() -> Iterator[tuple[str, dict[str, str]]]:
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
         )  # fmt: skip
         try:
-            yield f"http://127.0.0.1:{dashboard}", env
+            yield f"http://127.0.0.1:{dashboard}", env, Path(temp) / "ray-start.log"
         finally:
             head.terminate()  # --block: SIGTERM makes it stop every process of this node
             try:
@@ -63,14 +69,16 @@ def cluster() -> Iterator[tuple[str, dict[str, str]]]:
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_serve_deploy_of_written_config(cluster: tuple[str, dict[str, str]], mlp: PlannedModel, tmp_path: Path) -> None:
-    dashboard, env = cluster
+def test_serve_deploy_of_written_config(
+    cluster: tuple[str, dict[str, str], Path], mlp: PlannedModel, tmp_path: Path
+) -> None:
+    dashboard, env, ray_log = cluster
     model = mlp
     port = free_port()
     config = serve_config(model.uri, host="127.0.0.1", port=port, num_cpus=0)
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + DASHBOARD_WAIT_S
     while True:  # the dashboard takes a while to accept deployments
         deploy = subprocess.run(
             ["serve", "deploy", str(path), "-a", dashboard], capture_output=True, text=True, env=env, timeout=60
@@ -78,7 +86,7 @@ def test_serve_deploy_of_written_config(cluster: tuple[str, dict[str, str]], mlp
         if deploy.returncode == 0 or time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    assert deploy.returncode == 0, f"{deploy.stdout}{deploy.stderr}\nray start:\n{ray_log.read_text()[-3000:]}"
     url = f"http://127.0.0.1:{port}"
     local.wait_ready(url, 180)
     x = model.sample(3)["features"]
