@@ -134,17 +134,21 @@ class _Source:
         self.store: list[tuple[float, dict[str, float]]] = []
         self.pushed: list[tuple[float, dict[str, float]]] = []
 
-    def advance(self, now_s: float, sample: dict[str, float] | None) -> None:
-        """Record ``sample`` (None: nothing to record, e.g. no replica runs) and push, when due."""
+    def advance(self, now_s: float, sample: dict[str, float] | None) -> bool:
+        """Record ``sample`` (None: nothing to record, e.g. no replica runs) and push, when due; True when it
+        recorded ``sample``."""
+        recorded = False
         if now_s + 1e-9 >= self.next_record:
             if sample is not None:
                 self.store.append((now_s, sample))
+                recorded = True
             self.next_record += self.record_s * max(1, math.floor((now_s - self.next_record) / self.record_s) + 1)
         if now_s + 1e-9 >= self.next_push:
             start = now_s - self.look_back_s
             self.store = [p for p in self.store if p[0] >= start]
             self.pushed = list(self.store)
             self.next_push += self.push_s * max(1, math.floor((now_s - self.next_push) / self.push_s) + 1)
+        return recorded
 
     def series(self, key: str) -> list[tuple[float, float]]:
         return [(t, v[key]) for t, v in self.pushed if key in v]
@@ -213,10 +217,8 @@ class ServeMetrics:
         self.entrance = source(drawn) if entrance_offsets_s is None else _Source(r, p, lb, *entrance_offsets_s)
         self._initial_phases = np.random.default_rng((seed, 3))
         self._started = False
-        self.replicas: list[dict[int, _Source]] = [{} for _ in self.names]
-        """Per stage, a source per running replica (its id)."""
-        self.previous: list[dict[int, ReplicaSnapshot]] = [{} for _ in self.names]
-        """Per stage and replica, the snapshot of its newest record."""
+        self.replicas: list[dict[int, tuple[_Source, ReplicaSnapshot | None]]] = [{} for _ in self.names]
+        """Per stage, for each running replica (by id): its source, and its snapshot at its newest record."""
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -231,30 +233,26 @@ class ServeMetrics:
         """Stage i's running replicas' sources, advanced to ``now``: a replica seen for the first time records
         and pushes now (those running at the start, at a drawn phase); a replica gone takes its series along."""
         c = self.config
-        sources, previous = self.replicas[i], self.previous[i]
-        for gone in set(sources) - {r.ident for r in stage.replicas}:
-            del sources[gone]
-            previous.pop(gone, None)
+        replicas = self.replicas[i]
+        for gone in set(replicas) - {r.ident for r in stage.replicas}:
+            del replicas[gone]
         for r in stage.replicas:
-            if r.ident not in sources:
+            if r.ident not in replicas:
                 # it started (recorded and pushed first) at `began`: now, or for those running at the start, a
                 # drawn time in the look-back window before it
                 began = now - (0.0 if self._started else float(self._initial_phases.uniform()) * c.look_back_period_s)
-                sources[r.ident] = _Source(
+                source = _Source(
                     c.record_interval_s,
                     c.metrics_interval_s,
                     c.look_back_period_s,
                     _next_at(began, c.record_interval_s, now),
                     _next_at(began, c.metrics_interval_s, now),
                 )
-            source = sources[r.ident]
-            if now + 1e-9 >= source.next_record:
-                previous_record = previous.get(r.ident)
-                previous[r.ident] = r
-                source.advance(now, _custom(r, previous_record))
-            else:
-                source.advance(now, None)
-        return list(sources.values())
+                replicas[r.ident] = (source, None)
+            source, last = replicas[r.ident]
+            if source.advance(now, _custom(r, last)):
+                replicas[r.ident] = (source, r)
+        return [source for source, _ in replicas.values()]
 
     def view(self, snap: Snapshot) -> tuple[DeploymentMetrics, list[DeploymentMetrics]]:
         """(the entrance, the stages) as the controller holds them at ``snap.time_s``."""
