@@ -49,6 +49,8 @@ of the batches on that replica (at most one request per sender: 8), each of whic
 more times; Serve's router drops the dead replica at the first failure, so the retries go to the surviving
 one, and a 503 needs every try to fail. Measured here: none, out of 36 to 102 requests per scenario (the
 machine is shared; the count depends on its load). 10 % leaves room for one unlucky request at that count."""
+REPLICAS = 2
+"""Replicas of each deployment of the faults application."""
 KILL_ATTEMPTS = 3
 """Kills per scenario at most, until one hits a request under way."""
 MODEL = ("demo-transformer", {"layers": 4, "width": 256, "seq_len": 128})
@@ -87,7 +89,12 @@ class Served:
 def served(serve_instance: str, planned: Planner) -> Iterator[Served]:
     model = planned(MODEL, stages=2)
     faults = AppArgs(
-        plan_uri=model.uri, model_name=NAME, num_cpus=0, min_replicas=2, max_replicas=2, batch_wait_timeout_s=0.002
+        plan_uri=model.uri,
+        model_name=NAME,
+        num_cpus=0,
+        min_replicas=REPLICAS,
+        max_replicas=REPLICAS,
+        batch_wait_timeout_s=0.002,
     )
     overload = AppArgs(
         plan_uri=model.uri,
@@ -169,17 +176,18 @@ def under_load(served: Served, app: str, fault: Callable[[], None], tally: Tally
             sender.result(timeout=TIMEOUT_S + 30)
 
 
-def live_replica(app: str, deployment: str, killed: list[Replica], timeout_s: float = 60.0) -> Replica:
-    """A RUNNING replica of ``deployment`` that is not one of ``killed`` (Serve may still list a killed one
-    for a moment), waiting up to ``timeout_s`` for Serve to have replaced them."""
+def live_replica(app: str, deployment: str, killed: list[Replica], timeout_s: float = 300.0) -> Replica:
+    """A RUNNING replica of ``deployment`` that is not one of ``killed``, once the deployment runs all of its
+    ``REPLICAS`` again (Serve may still list a killed one for a moment): a kill then leaves a replica serving,
+    as the scenario assumes, also where a replacement takes minutes to start. Raises after ``timeout_s``."""
     gone = {r.actor_name for r in killed}
     deadline = time.monotonic() + timeout_s
     while True:
         alive = [r for r in replicas(app) if r.deployment == deployment and r.actor_name not in gone]
-        if alive:
+        if len(alive) >= REPLICAS:
             return alive[0]
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no running replica of {deployment} but the killed ones after {timeout_s} s")
+            raise TimeoutError(f"{len(alive)} of {REPLICAS} replicas of {deployment} running after {timeout_s} s")
         time.sleep(0.5)
 
 
