@@ -6,6 +6,10 @@
   executing code and is hashed in plan.json like the shard. Needs ``pip install 'partserve[onnx]'``.
 * ``inductor``: the exported program compiled by ``torch.compile`` (dynamic shapes) when the stage loads;
   no artifact of its own. Needs a C++ compiler on CPU.
+* ``tensorrt``: the same ONNX file run by ONNX Runtime's TensorRT execution provider (CUDA as its fallback for
+  the nodes TensorRT does not take), fp32 (TensorRT may use TF32 on Ampere and later GPUs: the check against
+  eager at plan time keeps it only within the fp32 tolerance); TensorRT builds its engine when the stage
+  loads, for the shapes it meets. Needs a CUDA device and ``pip install 'partserve[gpu]'`` (onnxruntime-gpu, TensorRT).
 
 An engine is tied to the target it was built and timed on (:func:`current_target`): a stage loaded
 elsewhere runs eager and says so.
@@ -29,9 +33,30 @@ import torch
 from torch import nn
 
 from partitions.dtypes import to_numpy, to_torch
-from partitions.plan import AUTO, EAGER, ENGINE_CHOICES, ENGINES, INDUCTOR, ONNX_FORMAT, ONNXRUNTIME
+from partitions.plan import (
+    AUTO,
+    EAGER,
+    ENGINE_CHOICES,
+    ENGINES,
+    INDUCTOR,
+    ONNX_ENGINES,
+    ONNX_FORMAT,
+    ONNXRUNTIME,
+    TENSORRT,
+)
 
-__all__ = ["AUTO", "EAGER", "ENGINES", "ENGINE_CHOICES", "INDUCTOR", "ONNXRUNTIME", "ONNX_FORMAT", "Runner"]
+__all__ = [
+    "AUTO",
+    "EAGER",
+    "ENGINES",
+    "ENGINE_CHOICES",
+    "INDUCTOR",
+    "ONNXRUNTIME",
+    "ONNX_ENGINES",
+    "ONNX_FORMAT",
+    "TENSORRT",
+    "Runner",
+]
 
 ISA_FLAGS: tuple[str, ...] = (
     *("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni"),
@@ -66,22 +91,30 @@ def current_target(device: torch.device) -> str:
 def unavailable(engine: str, device: torch.device, converting: bool = False) -> str:
     """Why ``engine`` cannot run on ``device`` here, or (``converting``) be converted to at plan time: a
     one-line reason with the fix; ``""`` if it can."""
-    if engine == ONNXRUNTIME:
+    if engine == TENSORRT and device.type != "cuda":
+        return "tensorrt needs a CUDA device"
+    if engine in ONNX_ENGINES:
+        extra = "gpu" if engine == TENSORRT else "onnx"
         needed = ("onnxruntime", "onnx", "onnxscript") if converting else ("onnxruntime",)
         missing = [m for m in needed if importlib.util.find_spec(m) is None]
         if missing:
-            return f"{', '.join(missing)} not installed (pip install 'partserve[onnx]')"
+            return f"{', '.join(missing)} not installed (pip install 'partserve[{extra}]')"
         import onnxruntime as ort
 
-        if _provider(device) not in ort.get_available_providers():
-            return f"onnxruntime has no {_provider(device)} here (pip install onnxruntime-gpu on a GPU machine)"
+        provider = _providers(engine, device)[0]
+        if provider not in ort.get_available_providers():
+            return f"onnxruntime has no {provider} here (pip install 'partserve[gpu]' on a GPU machine)"
     if engine == INDUCTOR and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "c++")):
         return "inductor needs a C++ compiler on CPU (none found as $CXX or c++)"
     return ""
 
 
-def _provider(device: torch.device) -> str:
-    return "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+def _providers(engine: str, device: torch.device) -> list[str]:
+    """ONNX Runtime's execution providers for ``engine`` on ``device``, first choice first: each takes the
+    nodes the ones before it cannot (CPU last)."""
+    wanted = ["TensorrtExecutionProvider"] if engine == TENSORRT else []
+    wanted += ["CUDAExecutionProvider"] if device.type == "cuda" else []
+    return [*wanted, "CPUExecutionProvider"]
 
 
 def one_line(exc: BaseException, limit: int = 240) -> str:
@@ -112,7 +145,7 @@ def rel_error(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
 
 def convert(engine: str, program: torch.export.ExportedProgram) -> bytes | None:
     """The artifact ``engine`` runs, converted from ``program`` (None: it runs the shard itself)."""
-    if engine != ONNXRUNTIME:
+    if engine not in ONNX_ENGINES:
         return None
     quiet, exporter_log = io.StringIO(), logging.getLogger("torch.onnx")
     level = exporter_log.level
@@ -128,10 +161,11 @@ def convert(engine: str, program: torch.export.ExportedProgram) -> bytes | None:
 
 def load(engine: str, module: nn.Module | None, artifact: bytes | None, device: torch.device, threads: int) -> Runner:
     """A runner of the stage on ``engine``: ``module`` is the exported program (eager, inductor), ``artifact``
-    the converted file (onnxruntime); ``threads``: intra-op threads (ONNX Runtime's; torch's are global)."""
-    if engine == ONNXRUNTIME:
+    the converted file (onnxruntime, tensorrt); ``threads``: intra-op threads (ONNX Runtime's; torch's are
+    global)."""
+    if engine in ONNX_ENGINES:
         assert artifact is not None
-        return _ort_runner(artifact, device, threads)
+        return _ort_runner(artifact, _providers(engine, device), threads)
     assert module is not None
     if engine == INDUCTOR:  # compiles on the first call of each shape class (batch 1 is one of its own)
         return _torch_runner(torch.compile(module, dynamic=True), device)
@@ -147,15 +181,27 @@ def by_batch(small: Runner, large: Runner, up_to: int) -> Runner:
     return run
 
 
+def onnx_engine(names: Sequence[str]) -> str | None:
+    """The first of ``names`` (the stages' engines) that runs an ONNX file: the engine a whole-model baseline
+    runs on to be on equal terms with those stages; None if every stage runs the exported program."""
+    return next((n for n in names if n in ONNX_ENGINES), None)
+
+
 def whole_model(
-    module: nn.Module, args: tuple, kwargs: dict[str, torch.Tensor], device: torch.device, threads: int
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict[str, torch.Tensor],
+    device: torch.device,
+    threads: int,
+    engine: str = ONNXRUNTIME,
 ) -> Runner:
-    """The whole model exported as a plan's stages are (dynamic batch) and run by ONNX Runtime: the baseline
-    on equal terms with stages on that engine. Its inputs, in order: ``args``, then ``kwargs``' values."""
+    """The whole model exported as a plan's stages are (dynamic batch) and run on ``engine`` (one of
+    :data:`ONNX_ENGINES`): the baseline on equal terms with stages on that engine. Its inputs, in order:
+    ``args``, then ``kwargs``' values."""
     batch = torch.export.Dim("batch")
     dynamic = {k: {0: batch} for k in kwargs} if kwargs else tuple({0: batch} for _ in args)
     program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
-    return load(ONNXRUNTIME, None, convert(ONNXRUNTIME, program), device, threads)
+    return load(engine, None, convert(engine, program), device, threads)
 
 
 def _torch_runner(module: Callable[..., Any], device: torch.device) -> Runner:
@@ -178,7 +224,7 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return t
 
 
-def _ort_runner(data: bytes, device: torch.device, threads: int) -> Runner:
+def _ort_runner(data: bytes, providers: list[str], threads: int) -> Runner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -189,7 +235,6 @@ def _ort_runner(data: bytes, device: torch.device, threads: int) -> Runner:
     options.log_severity_level = 3  # errors only: its warnings name internal graph nodes
     # Idle pool threads sleep instead of spinning: stages share the cores with each other when served.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = list(dict.fromkeys([_provider(device), "CPUExecutionProvider"]))  # CPU: the fallback of CUDA
     session = ort.InferenceSession(data, options, providers=providers)
     names = [i.name for i in session.get_inputs()]
 

@@ -25,8 +25,11 @@ PLAN_FILE = "plan.json"
 EAGER = "eager"
 ONNXRUNTIME = "onnxruntime"
 INDUCTOR = "inductor"
-ENGINES = (EAGER, ONNXRUNTIME, INDUCTOR)
+TENSORRT = "tensorrt"
+ENGINES = (EAGER, ONNXRUNTIME, INDUCTOR, TENSORRT)
 """What can run a stage (:mod:`partitions.engines`)."""
+ONNX_ENGINES = (ONNXRUNTIME, TENSORRT)
+"""The engines that run the stage's ONNX file (ONNX Runtime, on its CPU/CUDA or its TensorRT provider)."""
 AUTO = "auto"
 ENGINE_CHOICES = (*ENGINES, AUTO)
 ONNX_FORMAT = "onnx"

@@ -17,7 +17,7 @@ from torch import nn
 
 from partitions import engines
 from partitions.artifacts import decode_stage, read_shard
-from partitions.engines import EAGER, ONNXRUNTIME, current_target, unavailable
+from partitions.engines import EAGER, ONNX_ENGINES, current_target, unavailable
 from partitions.plan import Plan
 from partitions.storage import read_plan
 from partitions.types import Payload
@@ -63,11 +63,11 @@ class StageRunner:
         self.threads = threads or self.stage.engine.threads or torch.get_num_threads()
         up_to = self.stage.engine.up_to if self.engine == self.stage.engine.name != EAGER else None
         self.module: nn.Module | None = None
-        if self.engine != ONNXRUNTIME or up_to is not None:
+        if self.engine not in ONNX_ENGINES or up_to is not None:
             module = decode_stage(read_shard(uri, self.stage.artifact), self.stage.artifact, self._rebuild_children)
             self.module = module.to(self.device)
         artifact = self.stage.engine.artifact
-        data = read_shard(uri, artifact) if self.engine == ONNXRUNTIME and artifact else None
+        data = read_shard(uri, artifact) if self.engine in ONNX_ENGINES and artifact else None
         self.run = engines.load(self.engine, self.module, data, self.device, self.threads)
         if up_to is not None:  # the engine for small batches, eager for the rest
             eager = engines.load(EAGER, self.module, None, self.device, self.threads)
@@ -80,8 +80,8 @@ class StageRunner:
         record = self.stage.engine
         if wanted == EAGER:
             return EAGER, ""
-        if wanted == ONNXRUNTIME and record.artifact is None:
-            return EAGER, "onnxruntime asked for, but the plan holds no ONNX file for this stage: running eager"
+        if wanted in ONNX_ENGINES and record.artifact is None:
+            return EAGER, f"{wanted} asked for, but the plan holds no ONNX file for this stage: running eager"
         here = current_target(self.device)
         if record.target and record.target != here:
             return EAGER, f"{wanted} was built and timed for {record.target!r}, this is {here!r}: running eager"

@@ -41,7 +41,7 @@ from ray.serve import Application
 
 from partitions.costs import measure_ms
 from partitions.dtypes import to_numpy
-from partitions.engines import EAGER, ONNXRUNTIME, whole_model
+from partitions.engines import EAGER, onnx_engine, whole_model
 from partitions.inputs import random_inputs
 from partitions.plan import Plan
 from partitions.runtime import load_pipeline, pick_device, run_pipeline
@@ -53,7 +53,16 @@ from serve_app.loadgen import Call, RunResult, closed_loop, open_loop
 from serve_app.names import stage_name
 from serve_app.ports import free_port
 
-SETUPS = ("torch", "torch-onnxruntime", "torch-stages", "serve-whole", "serve-replicas", "serve-chain", "partserve")
+SETUPS = (
+    "torch",
+    "torch-onnxruntime",
+    "torch-tensorrt",
+    "torch-stages",
+    "serve-whole",
+    "serve-replicas",
+    "serve-chain",
+    "partserve",
+)
 BASELINES = ("serve-whole", "serve-replicas", "serve-chain")
 """The plain Serve setups partserve is compared with, at every level and best against best."""
 SERVE_SETUPS = (*BASELINES, "partserve")
@@ -105,10 +114,11 @@ async def sweep(call: Call, load: Load, progress: Callable[[], None] = lambda: N
 def torch_bounds(
     plan: Plan, plan_uri: str, samples_per_request: int, stage_threads: int, repeats: int = 10
 ) -> list[dict[str, object]]:
-    """Rows of the in-process bounds: the whole model (eager, and exported to ONNX Runtime when stages run
-    there: ``torch-onnxruntime``) and the stages back to back on their engines, at the plan's batch size
-    with all cores (``mode: bound``), and the stages at ``samples_per_request`` with ``stage_threads``
-    threads (``mode: bound-latency``). Throughput in samples/s, latency (median) in ms."""
+    """Rows of the in-process bounds: the whole model (eager, and exported to ONNX when stages run an ONNX
+    engine, on that engine: ``torch-onnxruntime``, ``torch-tensorrt``) and the stages back to back on their
+    engines, at the plan's batch size with all cores (``mode: bound``), and the stages at
+    ``samples_per_request`` with ``stage_threads`` threads (``mode: bound-latency``). Throughput in
+    samples/s, latency (median) in ms."""
     cores = os.cpu_count() or 1
     source = plan_model(plan)
     device = pick_device()
@@ -137,11 +147,12 @@ def torch_bounds(
 
     try:
         row("torch", "bound", plan.batch_size, cores, lambda: source.forward(inputs))
-        if any(r.engine == ONNXRUNTIME for r in runners):  # the whole model on the stages' engine, on equal terms
+        engine = onnx_engine([r.engine for r in runners])
+        if engine:  # the whole model on the stages' engine, on equal terms
             args, kwargs = source.call_args(inputs)
-            whole = whole_model(source.module, args, kwargs, device, cores)
+            whole = whole_model(source.module, args, kwargs, device, cores, engine)
             arrays = list(batch.values())
-            row("torch-onnxruntime", "bound", plan.batch_size, cores, lambda: whole(arrays))
+            row(f"torch-{engine}", "bound", plan.batch_size, cores, lambda: whole(arrays))
         row("torch-stages", "bound", plan.batch_size, cores, lambda: run_pipeline(runners, batch))
         latency = lambda: run_pipeline(latency_runners, one)
         row("torch-stages", "bound-latency", samples_per_request, stage_threads, latency)
@@ -182,7 +193,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
     batch, wait_s, stage_batch = entrance.max_batch_size, entrance.batch_wait_timeout_s, stage.max_batch_size
     stage_threads = stage.torch_threads or max(1, int(args.num_cpus))
     common = {"access_log": args.access_log}
-    whole_engine = ONNXRUNTIME if any(s.engine.name == ONNXRUNTIME for s in plan.stages) else EAGER
+    whole_engine = onnx_engine([s.engine.name for s in plan.stages]) or EAGER
     whole = SetupConfig(
         setup="serve-whole",
         torch_threads=cores,

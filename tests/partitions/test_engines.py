@@ -8,7 +8,18 @@ import numpy as np
 import pytest
 
 from partitions.engine_choice import candidates, pick
-from partitions.engines import AUTO, EAGER, INDUCTOR, ONNX_FORMAT, ONNXRUNTIME, current_target, load
+from partitions.engines import (
+    AUTO,
+    EAGER,
+    INDUCTOR,
+    ONNX_FORMAT,
+    ONNXRUNTIME,
+    TENSORRT,
+    current_target,
+    load,
+    onnx_engine,
+    unavailable,
+)
 from partitions.partition import PlanOptions, build_plan
 from partitions.plan import PLAN_FILE
 from partitions.runtime import StageRunner, load_pipeline, pick_device
@@ -21,9 +32,9 @@ pytest.importorskip("onnxruntime")
 MLP = ("demo-mlp", {"depth": 3, "width": 64, "features": 32})
 
 
-def plan_on(engine: str, tmp_path, model: tuple[str, dict] = MLP, stages: int = 2):
+def plan_on(engine: str, tmp_path, model: tuple[str, dict] = MLP, stages: int = 2, device: str | None = None):
     uri = str(tmp_path / "plan")
-    opts = PlanOptions(stages=stages, repeats=2, warmup=1, refine=0, engine=engine)
+    opts = PlanOptions(stages=stages, repeats=2, warmup=1, refine=0, engine=engine, device=device)
     return build_plan(load_model(model[0], model[1], batch_size=4), uri, opts), uri
 
 
@@ -54,6 +65,15 @@ def test_candidates_are_what_is_installed() -> None:
     tried, skipped = candidates(AUTO, cpu)
     assert EAGER not in tried and ONNXRUNTIME in tried
     assert all(": " in s for s in skipped)
+    # TensorRT runs on a GPU only: on a CPU ``auto`` says so and a plan asking for it keeps eager, saying why.
+    assert TENSORRT not in tried and "tensorrt skipped: tensorrt needs a CUDA device" in skipped
+    assert unavailable(TENSORRT, cpu) == "tensorrt needs a CUDA device"
+    assert candidates(TENSORRT, cpu) == ([], ["tensorrt skipped: tensorrt needs a CUDA device"])
+
+
+def test_the_whole_model_baseline_runs_on_the_stages_onnx_engine() -> None:
+    assert onnx_engine([EAGER, TENSORRT, ONNXRUNTIME]) == TENSORRT
+    assert onnx_engine([EAGER, INDUCTOR]) is None
 
 
 def test_onnxruntime_runner_keeps_the_batch_dynamic_and_takes_read_only_arrays() -> None:
@@ -166,3 +186,19 @@ def test_another_target_and_plans_without_engines_run_eager(tmp_path, caplog) ->
     path.write_text(json.dumps(raw))
     assert [r.engine for r in load_pipeline(uri)] == [EAGER, EAGER]
     assert verify(uri).tolerance == 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.gpu  # ONNX Runtime's TensorRT provider: a CUDA device, onnxruntime-gpu and TensorRT (partserve[gpu])
+def test_tensorrt_round_trip(tmp_path) -> None:
+    why = unavailable(TENSORRT, pick_device("cuda"), converting=True)
+    if why:
+        pytest.skip(why)
+    plan, uri = plan_on(TENSORRT, tmp_path, device="cuda")
+    for stage in plan.stages:
+        assert stage.engine.name == TENSORRT, stage.engine.reason
+        assert stage.engine.artifact is not None and stage.engine.artifact.format == ONNX_FORMAT
+        assert stage.engine.target == current_target(pick_device("cuda"))
+    assert [r.engine for r in load_pipeline(uri, "cuda")] == [TENSORRT, TENSORRT]
+    report = verify(uri)
+    assert report.passed and report.engines == [TENSORRT, TENSORRT], report.to_json()
