@@ -1,7 +1,7 @@
 """Choose each stage's engine at plan time: convert, check against eager, time, keep the fastest that matches.
 
 A candidate engine is converted from the stage's exported program, run on the stage's example inputs at
-batch 1 and at the plan's batch, and kept only if its outputs match eager's within :data:`TOLERANCE`. The
+batch 1, 3 and the plan's batch, and kept only if its outputs match eager's within :data:`TOLERANCE`. The
 passing engines and eager are then timed round-robin (one call each per round, so drift in machine load hits
 them alike). ``auto`` keeps, per batch, what was faster: the engine with the lowest mean time relative to
 eager among those faster than eager at every timed batch; failing that, the engine fastest at batch 1 for
@@ -92,18 +92,20 @@ def choose(
         return Choice(EAGER, None, "; ".join(notes), [], {})
     plan_batch = args[0].shape[0]
     batches = sorted({1, plan_batch})
+    # Checked also at a batch between them: a dynamic batch dimension, or a padded one, meets other sizes served.
+    checked = sorted({*batches, min(3, plan_batch)})
     full = [a.detach().cpu().numpy() for a in args]
-    inputs = {b: [a[:b] for a in full] for b in batches}
+    inputs = {b: [a[:b] for a in full] for b in checked}
     threads = torch.get_num_threads()
     eager = engines.load(EAGER, program.module(), None, device, threads)
-    reference = {b: eager(inputs[b]) for b in batches}
+    reference = {b: eager(inputs[b]) for b in checked}
     runners: dict[str, Runner] = {EAGER: eager}
     artifacts: dict[str, bytes | None] = {}
     for engine in tried:
         try:
             artifacts[engine] = engines.convert(engine, program)
             runner = engines.load(engine, program.module(), artifacts[engine], device, threads)
-            err = max(engines.rel_error(runner(inputs[b]), reference[b]) for b in batches)
+            err = max(engines.rel_error(runner(inputs[b]), reference[b]) for b in checked)
         except Exception as exc:  # any failure to convert or run: the stage stays on another engine
             notes.append(f"{engine} failed: {engines.one_line(exc)}")
             continue

@@ -10,6 +10,11 @@
   the nodes TensorRT does not take), fp32 (TensorRT may use TF32 on Ampere and later GPUs: the check against
   eager at plan time keeps it only within the fp32 tolerance); TensorRT builds its engine when the stage
   loads, for the shapes it meets. Needs a CUDA device and ``pip install 'partserve[gpu]'`` (onnxruntime-gpu, TensorRT).
+* ``cudagraphs``: the exported program compiled by ``torch.compile`` (``mode="reduce-overhead"``, static
+  shapes), so that each batch bucket of :data:`BUCKETS` replays one captured CUDA graph: a batch runs at the
+  smallest bucket that holds it, padded with copies of its last row that are dropped from the outputs, and
+  a batch above the largest bucket runs eager. A graph is captured on a bucket's first batch. Needs a CUDA
+  device; pays where a stage's kernels are short and their launches dominate (small batches).
 
 An engine is tied to the target it was built and timed on (:func:`current_target`): a stage loaded
 elsewhere runs eager and says so.
@@ -35,6 +40,7 @@ from torch import nn
 from partitions.dtypes import to_numpy, to_torch
 from partitions.plan import (
     AUTO,
+    CUDAGRAPHS,
     EAGER,
     ENGINE_CHOICES,
     ENGINES,
@@ -47,6 +53,8 @@ from partitions.plan import (
 
 __all__ = [
     "AUTO",
+    "BUCKETS",
+    "CUDAGRAPHS",
     "EAGER",
     "ENGINES",
     "ENGINE_CHOICES",
@@ -66,6 +74,9 @@ ISA_FLAGS: tuple[str, ...] = (
 
 Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 """A loaded stage: its program's inputs, in order, to its outputs, in order (batch on dimension 0)."""
+
+BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+"""Batch sizes (samples) the ``cudagraphs`` engine captures a graph for."""
 
 
 @cache
@@ -91,8 +102,8 @@ def current_target(device: torch.device) -> str:
 def unavailable(engine: str, device: torch.device, converting: bool = False) -> str:
     """Why ``engine`` cannot run on ``device`` here, or (``converting``) be converted to at plan time: a
     one-line reason with the fix; ``""`` if it can."""
-    if engine == TENSORRT and device.type != "cuda":
-        return "tensorrt needs a CUDA device"
+    if engine in (TENSORRT, CUDAGRAPHS) and device.type != "cuda":
+        return f"{engine} needs a CUDA device"
     if engine in ONNX_ENGINES:
         extra = "gpu" if engine == TENSORRT else "onnx"
         needed = ("onnxruntime", "onnx", "onnxscript") if converting else ("onnxruntime",)
@@ -169,7 +180,29 @@ def load(engine: str, module: nn.Module | None, artifact: bytes | None, device: 
     assert module is not None
     if engine == INDUCTOR:  # compiles on the first call of each shape class (batch 1 is one of its own)
         return _torch_runner(torch.compile(module, dynamic=True), device)
+    if engine == CUDAGRAPHS:
+        graphs = _torch_runner(torch.compile(module, mode="reduce-overhead", dynamic=False), device)
+        return padded(graphs, BUCKETS, above=_torch_runner(module, device))
     return _torch_runner(module, device)
+
+
+def padded(run: Runner, buckets: Sequence[int], above: Runner) -> Runner:
+    """A runner that runs each batch on ``run`` at the smallest of ``buckets`` (ascending) that holds it,
+    padded with copies of its last row, and returns the batch's own rows; batches larger than every bucket
+    (and empty ones) run on ``above``. For programs whose rows do not depend on each other, as a served
+    stage's must not: the entrance batches unrelated requests."""
+
+    def call(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        n = len(arrays[0])
+        size = next((b for b in buckets if b >= n), None)
+        if n == 0 or size is None:
+            return above(arrays)
+        if size == n:
+            return run(arrays)
+        rows = [np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)]) for a in arrays]
+        return [out[:n] for out in run(rows)]
+
+    return call
 
 
 def by_batch(small: Runner, large: Runner, up_to: int) -> Runner:

@@ -26,7 +26,8 @@ EAGER = "eager"
 ONNXRUNTIME = "onnxruntime"
 INDUCTOR = "inductor"
 TENSORRT = "tensorrt"
-ENGINES = (EAGER, ONNXRUNTIME, INDUCTOR, TENSORRT)
+CUDAGRAPHS = "cudagraphs"
+ENGINES = (EAGER, ONNXRUNTIME, INDUCTOR, TENSORRT, CUDAGRAPHS)
 """What can run a stage (:mod:`partitions.engines`)."""
 ONNX_ENGINES = (ONNXRUNTIME, TENSORRT)
 """The engines that run the stage's ONNX file (ONNX Runtime, on its CPU/CUDA or its TensorRT provider)."""

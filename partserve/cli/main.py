@@ -86,7 +86,7 @@ def _model_options(pairs: tuple[str, ...], named: dict[str, Any]) -> dict[str, A
     default="eager",
     show_default=True,
     help="What runs each stage; auto: the fastest per stage that matches eager (onnxruntime needs partserve[onnx], "
-    "tensorrt a CUDA device and partserve[gpu]).",
+    "tensorrt a CUDA device and partserve[gpu], cudagraphs a CUDA device).",
 )
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repeats per node.")
 @click.option("--layers", type=int, help="Model option: number of layers (zoo transformer).")

@@ -10,6 +10,7 @@ import pytest
 from partitions.engine_choice import candidates, pick
 from partitions.engines import (
     AUTO,
+    CUDAGRAPHS,
     EAGER,
     INDUCTOR,
     ONNX_FORMAT,
@@ -18,6 +19,7 @@ from partitions.engines import (
     current_target,
     load,
     onnx_engine,
+    padded,
     unavailable,
 )
 from partitions.partition import PlanOptions, build_plan
@@ -65,10 +67,37 @@ def test_candidates_are_what_is_installed() -> None:
     tried, skipped = candidates(AUTO, cpu)
     assert EAGER not in tried and ONNXRUNTIME in tried
     assert all(": " in s for s in skipped)
-    # TensorRT runs on a GPU only: on a CPU ``auto`` says so and a plan asking for it keeps eager, saying why.
-    assert TENSORRT not in tried and "tensorrt skipped: tensorrt needs a CUDA device" in skipped
-    assert unavailable(TENSORRT, cpu) == "tensorrt needs a CUDA device"
-    assert candidates(TENSORRT, cpu) == ([], ["tensorrt skipped: tensorrt needs a CUDA device"])
+    # TensorRT and CUDA graphs run on a GPU only: on a CPU ``auto`` says so, and a plan asking for one keeps
+    # eager, saying why.
+    for engine in (TENSORRT, CUDAGRAPHS):
+        assert engine not in tried and f"{engine} skipped: {engine} needs a CUDA device" in skipped
+        assert unavailable(engine, cpu) == f"{engine} needs a CUDA device"
+        assert candidates(engine, cpu) == ([], [f"{engine} skipped: {engine} needs a CUDA device"])
+
+
+def test_padded_runs_each_batch_at_its_bucket_and_returns_its_own_rows() -> None:
+    """The ``cudagraphs`` engine's batching: a batch of n runs at the smallest bucket >= n, padded with copies
+    of its last row; the answer is the batch's own rows, as the program run on the batch alone gives them."""
+    weights = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    program = lambda arrays: [arrays[0] @ weights, arrays[0].sum(axis=1)]  # two outputs, rows independent
+    seen: list[tuple[str, int]] = []
+
+    def on(name: str):
+        def run(arrays):
+            seen.append((name, len(arrays[0])))
+            return program(arrays)
+
+        return run
+
+    run = padded(on("graphs"), (1, 2, 4, 8), above=on("eager"))
+    for n in range(10):
+        seen.clear()
+        x = np.linspace(-1, 1, n * 3, dtype=np.float32).reshape(n, 3)
+        got = run([x])
+        for g, want in zip(got, program([x]), strict=True):
+            np.testing.assert_array_equal(g, want)
+        bucket = next((b for b in (1, 2, 4, 8) if b >= n), None)
+        assert seen == ([("graphs", bucket)] if n and bucket else [("eager", n)])
 
 
 def test_the_whole_model_baseline_runs_on_the_stages_onnx_engine() -> None:
@@ -189,16 +218,18 @@ def test_another_target_and_plans_without_engines_run_eager(tmp_path, caplog) ->
 
 
 @pytest.mark.slow
-@pytest.mark.gpu  # ONNX Runtime's TensorRT provider: a CUDA device, onnxruntime-gpu and TensorRT (partserve[gpu])
-def test_tensorrt_round_trip(tmp_path) -> None:
-    why = unavailable(TENSORRT, pick_device("cuda"), converting=True)
+@pytest.mark.gpu  # tensorrt: ONNX Runtime's TensorRT provider, onnxruntime-gpu and TensorRT (partserve[gpu])
+@pytest.mark.parametrize("engine", [TENSORRT, CUDAGRAPHS])
+def test_gpu_engine_round_trip(engine: str, tmp_path) -> None:
+    why = unavailable(engine, pick_device("cuda"), converting=True)
     if why:
         pytest.skip(why)
-    plan, uri = plan_on(TENSORRT, tmp_path, device="cuda")
+    plan, uri = plan_on(engine, tmp_path, device="cuda")
     for stage in plan.stages:
-        assert stage.engine.name == TENSORRT, stage.engine.reason
-        assert stage.engine.artifact is not None and stage.engine.artifact.format == ONNX_FORMAT
+        assert stage.engine.name == engine, stage.engine.reason
         assert stage.engine.target == current_target(pick_device("cuda"))
-    assert [r.engine for r in load_pipeline(uri, "cuda")] == [TENSORRT, TENSORRT]
-    report = verify(uri)
-    assert report.passed and report.engines == [TENSORRT, TENSORRT], report.to_json()
+        if engine == TENSORRT:
+            assert stage.engine.artifact is not None and stage.engine.artifact.format == ONNX_FORMAT
+    assert [r.engine for r in load_pipeline(uri, "cuda")] == [engine, engine]
+    report = verify(uri)  # batches 8, 1 and 5: at a bucket, and padded up to one
+    assert report.passed and report.engines == [engine, engine], report.to_json()
