@@ -214,10 +214,10 @@ def by_batch(small: Runner, large: Runner, up_to: int) -> Runner:
     return run
 
 
-def onnx_engine(names: Sequence[str]) -> str | None:
-    """The first of ``names`` (the stages' engines) that runs an ONNX file: the engine a whole-model baseline
-    runs on to be on equal terms with those stages; None if every stage runs the exported program."""
-    return next((n for n in names if n in ONNX_ENGINES), None)
+def stages_engine(names: Sequence[str]) -> str | None:
+    """The first of ``names`` (the stages' engines) that is not eager: the engine a whole-model baseline runs
+    on to be on equal terms with those stages; None if every stage runs eager."""
+    return next((n for n in names if n != EAGER), None)
 
 
 def whole_model(
@@ -228,13 +228,12 @@ def whole_model(
     threads: int,
     engine: str = ONNXRUNTIME,
 ) -> Runner:
-    """The whole model exported as a plan's stages are (dynamic batch) and run on ``engine`` (one of
-    :data:`ONNX_ENGINES`): the baseline on equal terms with stages on that engine. Its inputs, in order:
-    ``args``, then ``kwargs``' values."""
+    """The whole model exported as a plan's stages are (dynamic batch) and run on ``engine``: the baseline on
+    equal terms with stages on that engine. Its inputs, in order: ``args``, then ``kwargs``' values."""
     batch = torch.export.Dim("batch")
     dynamic = {k: {0: batch} for k in kwargs} if kwargs else tuple({0: batch} for _ in args)
     program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
-    return load(engine, None, convert(engine, program), device, threads)
+    return load(engine, program.module(), convert(engine, program), device, threads)
 
 
 def _torch_runner(module: Callable[..., Any], device: torch.device) -> Runner:

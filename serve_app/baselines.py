@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from partitions.dtypes import to_numpy, to_torch
-from partitions.engines import EAGER, ONNX_ENGINES, Runner, whole_model
+from partitions.engines import EAGER, Runner, whole_model
 from partitions.runtime import pick_device
 from partitions.source import plan_model
 from partitions.storage import read_plan
@@ -65,8 +65,7 @@ class SetupConfig:
     """Replicas of the deployment (setups with stages: of each stage)."""
     engine: str = EAGER
     """What runs the model: each stage's engine from the plan (setups with stages: the plan's ``engine``), or,
-    for the whole model, the stages' ONNX engine (``onnxruntime``, ``tensorrt``: the whole model exported as the
-    stages are) when stages run one."""
+    for the whole model, the stages' engine (the whole model exported as the stages are) when they run one."""
 
     def row(self) -> dict[str, object]:
         """The configuration as flat ``cfg_*`` columns of a result row."""
@@ -95,7 +94,7 @@ class WholeModel:
         self.names = [t.name for t in plan.outputs]
         self.engine = engine
         self.whole: Runner | None = None
-        if engine in ONNX_ENGINES:
+        if engine != EAGER:
             args, kwargs = self.source.call_args(self.source.example_inputs)
             self.whole = whole_model(self.source.module, args, kwargs, self.device, torch_threads, engine)
         set_batching(self.batch, max_batch_size, batch_wait_timeout_s)

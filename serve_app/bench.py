@@ -41,7 +41,7 @@ from ray.serve import Application
 
 from partitions.costs import measure_ms
 from partitions.dtypes import to_numpy
-from partitions.engines import EAGER, onnx_engine, whole_model
+from partitions.engines import EAGER, ENGINES, stages_engine, whole_model
 from partitions.inputs import random_inputs
 from partitions.plan import Plan
 from partitions.runtime import load_pipeline, pick_device, run_pipeline
@@ -55,8 +55,7 @@ from serve_app.ports import free_port
 
 SETUPS = (
     "torch",
-    "torch-onnxruntime",
-    "torch-tensorrt",
+    *(f"torch-{engine}" for engine in ENGINES if engine != EAGER),
     "torch-stages",
     "serve-whole",
     "serve-replicas",
@@ -114,8 +113,8 @@ async def sweep(call: Call, load: Load, progress: Callable[[], None] = lambda: N
 def torch_bounds(
     plan: Plan, plan_uri: str, samples_per_request: int, stage_threads: int, repeats: int = 10
 ) -> list[dict[str, object]]:
-    """Rows of the in-process bounds: the whole model (eager, and exported to ONNX when stages run an ONNX
-    engine, on that engine: ``torch-onnxruntime``, ``torch-tensorrt``) and the stages back to back on their
+    """Rows of the in-process bounds: the whole model (eager, and exported as the stages are when they run
+    another engine, on that engine: ``torch-onnxruntime``, ...) and the stages back to back on their
     engines, at the plan's batch size with all cores (``mode: bound``), and the stages at
     ``samples_per_request`` with ``stage_threads`` threads (``mode: bound-latency``). Throughput in
     samples/s, latency (median) in ms."""
@@ -147,7 +146,7 @@ def torch_bounds(
 
     try:
         row("torch", "bound", plan.batch_size, cores, lambda: source.forward(inputs))
-        engine = onnx_engine([r.engine for r in runners])
+        engine = stages_engine([r.engine for r in runners])
         if engine:  # the whole model on the stages' engine, on equal terms
             args, kwargs = source.call_args(inputs)
             whole = whole_model(source.module, args, kwargs, device, cores, engine)
@@ -193,7 +192,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
     batch, wait_s, stage_batch = entrance.max_batch_size, entrance.batch_wait_timeout_s, stage.max_batch_size
     stage_threads = stage.torch_threads or max(1, int(args.num_cpus))
     common = {"access_log": args.access_log}
-    whole_engine = onnx_engine([s.engine.name for s in plan.stages]) or EAGER
+    whole_engine = stages_engine([s.engine.name for s in plan.stages]) or EAGER
     whole = SetupConfig(
         setup="serve-whole",
         torch_threads=cores,

@@ -18,8 +18,8 @@ from partitions.engines import (
     TENSORRT,
     current_target,
     load,
-    onnx_engine,
     padded,
+    stages_engine,
     unavailable,
 )
 from partitions.partition import PlanOptions, build_plan
@@ -100,9 +100,10 @@ def test_padded_runs_each_batch_at_its_bucket_and_returns_its_own_rows() -> None
         assert seen == ([("graphs", bucket)] if n and bucket else [("eager", n)])
 
 
-def test_the_whole_model_baseline_runs_on_the_stages_onnx_engine() -> None:
-    assert onnx_engine([EAGER, TENSORRT, ONNXRUNTIME]) == TENSORRT
-    assert onnx_engine([EAGER, INDUCTOR]) is None
+def test_the_whole_model_baseline_runs_on_the_stages_engine() -> None:
+    assert stages_engine([EAGER, TENSORRT, ONNXRUNTIME]) == TENSORRT
+    assert stages_engine([EAGER, INDUCTOR]) == INDUCTOR
+    assert stages_engine([EAGER, EAGER]) is None
 
 
 def test_onnxruntime_runner_keeps_the_batch_dynamic_and_takes_read_only_arrays() -> None:

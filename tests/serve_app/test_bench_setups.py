@@ -77,11 +77,14 @@ def test_summary_compares_at_equal_load_and_under_the_slo() -> None:
     assert s["idle"]["vs_serve_whole"] == pytest.approx(0.88)  # 44 / 50
 
 
-@pytest.mark.slow  # plans on ONNX Runtime and exports the whole model
-def test_bounds_run_the_whole_model_on_the_stages_engine(planned) -> None:
-    pytest.importorskip("onnxruntime")
-    model = planned(MLP, stages=2, engine="onnxruntime")
+@pytest.mark.slow  # plans on the engine and exports the whole model to it (inductor: compiles both)
+@pytest.mark.parametrize("engine", ["onnxruntime", "inductor"])
+def test_bounds_run_the_whole_model_on_the_stages_engine(engine: str, planned) -> None:
+    if engine == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    model = planned(MLP, stages=2, engine=engine)
+    assert [s.engine.name for s in model.plan.stages] == [engine, engine]
     rows = torch_bounds(model.plan, model.uri, samples_per_request=1, stage_threads=1, repeats=2)
     bounds = {r["setup"]: r for r in rows if r["mode"] == "bound"}
-    assert set(bounds) == {"torch", "torch-onnxruntime", "torch-stages"}
+    assert set(bounds) == {"torch", f"torch-{engine}", "torch-stages"}
     assert all(r["throughput_samples_per_s"] > 0 for r in rows)
