@@ -23,6 +23,7 @@ from serve_app.names import ENTRANCE, stage_name
 from serve_app.retry import RetryPolicy
 from serve_app.serve_types import as_deployment
 from serve_app.stage import StageDeployment
+from serve_app.transport import BY_VALUE_MAX_BYTES
 
 STAGE_MAX_ONGOING = 64
 """Requests (batches the entrance formed) a stage replica holds at once unless ``max_ongoing_requests`` says."""
@@ -60,6 +61,10 @@ class AppArgs(BaseModel):
     """Bytes the requests in flight at an entrance replica may hold at once (bodies while read and decoded,
     then their tensors until answered); more: 503 with ``Retry-After``, so memory stays flat under overload.
     Default: 4 x max_body_bytes (256 MiB). At least ``max_body_bytes``."""
+    by_value_max_bytes: int = Field(default=BY_VALUE_MAX_BYTES, ge=0)
+    """Batches whose largest message between stages is estimated at most this many bytes travel by value over
+    Serve's replica-to-replica gRPC, larger ones by reference through Ray's object store (0: all by
+    reference; see :mod:`serve_app.transport`)."""
     request_timeout_s: float = Field(default=60.0, gt=0)
     """The deadline of a request, in seconds from its arrival at the entrance; clients may ask for less
     (header ``X-Request-Timeout-Ms``, OIP parameter ``timeout_ms``). Past it the caller gets 503 with
@@ -193,6 +198,7 @@ def entrance_config(plan: Plan, args: AppArgs) -> EntranceConfig:
         auth_token_file=args.auth_token_file,
         request_timeout_s=args.request_timeout_s,
         max_inflight_bytes=args.max_inflight_bytes,
+        by_value_max_bytes=args.by_value_max_bytes,
     )
 
 

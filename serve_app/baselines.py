@@ -5,8 +5,8 @@ Ray Serve user would write it and configured on the same terms as partserve (:cl
   its replica given the machine's cores (``num_cpus``, so Ray sets the torch threads to match), or one
   replica per core with one thread each; exported to ONNX Runtime when the plan's stages run there.
 * :class:`PlainChain`: one deployment per stage (the same :class:`~serve_app.stage.StageDeployment`s as
-  partserve, with the same batching and threads), chained per request by DeploymentResponse, with no batching
-  before the first stage.
+  partserve, with the same batching, threads and transport between stages), chained per request by
+  DeploymentResponse, with no batching before the first stage.
 
 Both answer ``handle.infer.remote(payload)`` (a dict of arrays by input name, as partserve's entrance does)
 with the outputs by name, and HTTP ``POST`` of a ``.npy`` body (single-input models) with a ``.npy`` body.
@@ -34,10 +34,11 @@ from partitions.storage import read_plan
 from partitions.types import Payload
 from serve_app.batching import concat, split
 from serve_app.config import StageConfig
-from serve_app.entrance import run_stages
+from serve_app.entrance import send_batch
 from serve_app.names import stage_name
 from serve_app.serve_types import as_deployment, set_batching
 from serve_app.stage import StageDeployment
+from serve_app.transport import StageHandles
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class SetupConfig:
     in_flight_batches: int | None
     """Batches partserve's entrance keeps in the pipeline at once (None: not bounded by the setup)."""
     access_log: bool
+    by_value_max_bytes: int | None = None
+    """Setups with stages: batches whose messages between stages are estimated at most this many bytes go
+    by value over Serve's gRPC, larger ones by reference (:mod:`serve_app.transport`)."""
     replicas: int = 1
     """Replicas of the deployment (setups with stages: of each stage)."""
     engine: str = EAGER
@@ -127,16 +131,16 @@ class WholeModel:
 class PlainChain:
     """Calls the stage deployments per request, each on the responses of the stages it reads from."""
 
-    def __init__(self, stages: list[DeploymentHandle], plan_uri: str) -> None:
-        self.stages = stages
+    def __init__(self, stages: list[DeploymentHandle], plan_uri: str, by_value_max_bytes: int) -> None:
         self.plan = read_plan(plan_uri)
+        self.stages = StageHandles(self.plan, stages, by_value_max_bytes)
 
     async def infer(self, payload: Payload) -> dict[str, np.ndarray]:
-        return await run_stages(self.plan, self.stages, payload)
+        return await send_batch(self.stages, payload)
 
     async def __call__(self, request: Request) -> Response:
         payload = {self.plan.inputs[0].name: np.load(io.BytesIO(await request.body()))}
-        return npy_response(await run_stages(self.plan, self.stages, payload))
+        return npy_response(await send_batch(self.stages, payload))
 
 
 def whole_model_app(plan_uri: str, config: SetupConfig) -> Application:
@@ -177,4 +181,5 @@ def plain_chain_app(plan_uri: str, config: SetupConfig) -> Application:
         )
         for s in plan.stages
     ]
-    return as_deployment(PlainChain).options(logging_config=logging).bind(stages, plan_uri)
+    assert config.by_value_max_bytes is not None
+    return as_deployment(PlainChain).options(logging_config=logging).bind(stages, plan_uri, config.by_value_max_bytes)

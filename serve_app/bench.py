@@ -186,7 +186,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
       and runs that many torch threads, as ``num_cpus`` gives a Serve user's replica;
     * ``serve-replicas``: the same, one replica per core, each reserving one core and running one thread;
     * ``serve-chain``: partserve's stage deployments with partserve's stage batch, wait and threads,
-      ``max_ongoing_requests`` 2x the batch;
+      ``max_ongoing_requests`` 2x the batch, and partserve's transport between stages;
     and the access log as ``args`` has it (off by default) everywhere."""
     entrance, stage = entrance_config(plan, args), stage_config(plan, args, 0)
     batch, wait_s, stage_batch = entrance.max_batch_size, entrance.batch_wait_timeout_s, stage.max_batch_size
@@ -220,6 +220,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
             max_ongoing_requests=2 * batch,
             in_flight_batches=None,
             engine=plan.engine,
+            by_value_max_bytes=entrance.by_value_max_bytes,
             **common,
         ),
         "partserve": SetupConfig(
@@ -233,6 +234,7 @@ def setup_configs(plan: Plan, args: AppArgs, cores: int) -> dict[str, SetupConfi
             max_ongoing_requests=args.max_ongoing_requests or STAGE_MAX_ONGOING,
             in_flight_batches=entrance.max_concurrent_batches,
             engine=plan.engine,
+            by_value_max_bytes=entrance.by_value_max_bytes,
             **common,
         ),
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from serve_app.retry import RetryPolicy
+from serve_app.transport import BY_VALUE_MAX_BYTES
 
 
 def _at_least(config: object, name: str, low: float) -> None:
@@ -54,13 +55,17 @@ class EntranceConfig:
     max_inflight_bytes: int | None = None
     """Bytes the requests in flight may hold at once (bodies while read and decoded, then their tensors);
     more: 503 with ``Retry-After``. None: :data:`INFLIGHT_BODIES` x ``max_body_bytes``."""
+    by_value_max_bytes: int = BY_VALUE_MAX_BYTES
+    """Batches whose largest message between stages is estimated at most this many bytes travel by value over
+    Serve's gRPC, larger ones by reference through the object store (:mod:`serve_app.transport`; 0: all by
+    reference)."""
 
     def __post_init__(self) -> None:
         if not self.model_name:
             raise ValueError(f"EntranceConfig.model_name ({self.model_name!r}) must not be empty")
         for name in ("max_body_bytes", "max_batch_size", "max_concurrent_batches"):
             _at_least(self, name, 1)
-        for name in ("batch_wait_timeout_s", "cache_bytes"):
+        for name in ("batch_wait_timeout_s", "cache_bytes", "by_value_max_bytes"):
             _at_least(self, name, 0)
         _at_least(self, "request_timeout_s", 1e-3)
         if self.max_inflight_bytes is not None:

@@ -62,8 +62,9 @@ it) or Serve's ``BackPressureError`` (the entrance's queue at this handle is ful
 (``handle.remote(x)`` itself is the HTTP entry point: Serve gives ``__call__`` to the FastAPI app.)
 
 The stages are chained without awaiting intermediates (``h1.remote(h0.remote(x))``; a stage reading from
-several stages, in a DAG plan, gets all their responses): intermediate payloads go from stage to stage
-through Ray's object store, and many requests are in flight at once. A batch that fails is bisected
+several stages, in a DAG plan, gets all their responses), and many requests are in flight at once. A small
+batch travels by value over Serve's replica-to-replica gRPC, a large one by reference through Ray's object
+store (:mod:`serve_app.transport`). A batch that fails is bisected
 (:func:`~serve_app.batching.run_together`): the failing requests get their error, the others their answer.
 """
 
@@ -87,7 +88,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from partitions.dtypes import accepted_datatypes, is_float, oip_datatype
-from partitions.plan import Plan
+from partitions.plan import Plan, Stage
 from partitions.processing import TEXT_INPUT, Processor
 from partitions.storage import read_plan
 from partitions.types import Payload, TensorSpec
@@ -99,6 +100,7 @@ from serve_app.config import EntranceConfig
 from serve_app.names import ARRIVED_METRIC, QUEUED_METRIC
 from serve_app.retry import DeadlineExceeded, Unavailable, call_with_retry, is_deadline
 from serve_app.tensors import BadRequest, check_inputs, describe, from_wire, to_wire
+from serve_app.transport import StageHandles, too_large
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="partserve", docs_url=None, redoc_url=None)
@@ -134,27 +136,45 @@ def _output_parameters(spec: TensorSpec) -> dict[str, object]:
 
 
 async def run_stages(
-    plan: Plan, stages: list[DeploymentHandle], payload: Payload, deadline_s: float | None = None
+    plan: Plan,
+    stages: list[DeploymentHandle],
+    payload: Payload,
+    deadline_s: float | None = None,
+    by_value: bool = False,
 ) -> dict[str, np.ndarray]:
     """Call every stage at once, each on the (not yet computed) responses of the stages it reads from (a
-    first stage: on the model inputs it reads), then await the stages no other stage reads from:
+    first stage: on the model inputs it reads), then await the stages no other stage reads from. By reference,
     intermediates go stage to stage through the object store (bfloat16 as raw words, which it passes without
-    a copy: :func:`~serve_app.tensors.to_wire`).
+    a copy: :func:`~serve_app.tensors.to_wire`). ``by_value`` (``stages`` are by-value handles: gRPC), they
+    come through this process: each stage's call awaits its sources here and goes out with their values
+    (:mod:`serve_app.transport`). Serve would do the same for a response passed on, but in Ray 2.60 a call
+    whose by-value source failed (its replica died) never returns: awaited here, the failure comes back.
 
     ``deadline_s`` (``time.time()`` seconds) goes with every stage call; when it passes first, this raises
     :class:`DeadlineExceeded`. Whatever ends the wait (that, an error, a cancellation), the stage calls
     still under way are cancelled."""
-    responses: dict[int, DeploymentResponse] = {}
+    calls: dict[int, DeploymentResponse | asyncio.Future[Payload]] = {}
     extra = {} if deadline_s is None else {"deadline_s": deadline_s}
+
+    def inputs(stage: Stage) -> Payload:
+        return to_wire({name: payload[name] for name in stage.reads})
+
+    async def call_on_values(stage: Stage) -> Payload:
+        sources = [await calls[j] for j in stage.after] or [inputs(stage)]
+        return await stages[stage.index].remote(*sources, **extra)
+
     try:
         for stage in plan.stages:
-            sources: list[DeploymentResponse | Payload] = [responses[j] for j in stage.after] or [
-                to_wire({name: payload[name] for name in stage.reads})
+            if by_value:
+                calls[stage.index] = asyncio.ensure_future(call_on_values(stage))
+                continue
+            sources: list[DeploymentResponse | asyncio.Future[Payload] | Payload] = [calls[j] for j in stage.after] or [
+                inputs(stage)
             ]
             response = stages[stage.index].remote(*sources, **extra)
             assert isinstance(response, DeploymentResponse)  # not a generator: stage handles do not stream
-            responses[stage.index] = response
-        sinks = asyncio.gather(*(responses[i] for i in plan.sinks()))
+            calls[stage.index] = response
+        sinks = asyncio.gather(*(calls[i] for i in plan.sinks()))
         if deadline_s is None:
             sent = await sinks
         else:
@@ -163,13 +183,27 @@ async def run_stages(
             except asyncio.TimeoutError:
                 raise DeadlineExceeded("the request's deadline passed in the pipeline", 0.0) from None
     except BaseException:
-        for response in responses.values():
-            response.cancel()
+        for pending in calls.values():
+            pending.cancel()
         raise
     merged: Payload = {}
     for outputs in sent:
         merged.update(outputs)
     return from_wire(plan.named_outputs(merged), plan.outputs)
+
+
+async def send_batch(handles: StageHandles, payload: Payload, deadline_s: float | None = None) -> dict[str, np.ndarray]:
+    """:func:`run_stages` on the handles the batch travels on (:meth:`StageHandles.for_batch`); sent again by
+    reference when gRPC refused one of its messages as too large (an estimate that fell short)."""
+    stages = handles.for_batch(payload, samples(payload))
+    by_value = stages is handles.by_value
+    try:
+        return await run_stages(handles.plan, stages, payload, deadline_s, by_value)
+    except Exception as exc:
+        if not by_value or not too_large(exc):
+            raise
+        logger.warning("a batch was larger than gRPC takes (%s), sending it by reference", type(exc).__name__)
+        return await run_stages(handles.plan, handles.by_reference, payload, deadline_s)
 
 
 @dataclass(frozen=True)
@@ -300,8 +334,8 @@ class Entrance:
 
     def __init__(self, stages: list[DeploymentHandle], config: EntranceConfig) -> None:
         """``stages``: the stage deployments' handles, by stage index; ``config``: see :class:`EntranceConfig`."""
-        self.stages = stages
         self.plan = read_plan(config.plan_uri)
+        self.stages = StageHandles(self.plan, stages, config.by_value_max_bytes)
         self.model_name = config.model_name
         self.max_body_bytes = config.max_body_bytes
         self.retry = config.retry
@@ -421,7 +455,7 @@ class Entrance:
     async def _run(self, payload: Payload, deadline_s: float | None) -> dict[str, np.ndarray]:
         """The pipeline's outputs, tried again while stage replicas die under it (see :mod:`serve_app.retry`)."""
         return await call_with_retry(
-            lambda: run_stages(self.plan, self.stages, payload, deadline_s), self.retry, on_retry=self._retried
+            lambda: send_batch(self.stages, payload, deadline_s), self.retry, on_retry=self._retried
         )
 
     def _retried(self, exc: BaseException) -> None:

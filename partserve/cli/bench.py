@@ -74,6 +74,14 @@ def _write(rows: list[dict[str, Any]], parquet: str | None, plot: str | None) ->
 @click.option("--samples-per-request", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(min=1), help="Samples per batch (default: the plan's).")
 @click.option("--entrance-replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--by-value-max-bytes",
+    type=click.IntRange(min=0),
+    default=1 << 20,
+    show_default=True,
+    help="With --compare: batches whose messages between stages are estimated at most this many bytes go by "
+    "value over Serve's gRPC, larger ones by reference (0: all by reference), in partserve and the chain.",
+)
 @click.option("--slo-ms", type=click.FloatRange(min=0), help="p99 bound of the SLO figure (default: 4x torch's batch).")
 @click.option(
     "--http-level",
@@ -100,6 +108,7 @@ def bench(
     samples_per_request: int,
     max_batch_size: int | None,
     entrance_replicas: int,
+    by_value_max_bytes: int,
     slo_ms: float | None,
     http_level: int,
     parquet: str | None,
@@ -126,7 +135,13 @@ def bench(
         from serve_app.app import AppArgs
 
         uri = resolve_plan(target, None, 8, not as_json)
-        args = AppArgs(plan_uri=uri, num_cpus=0, max_batch_size=max_batch_size, entrance_replicas=entrance_replicas)
+        args = AppArgs(
+            plan_uri=uri,
+            num_cpus=0,
+            max_batch_size=max_batch_size,
+            entrance_replicas=entrance_replicas,
+            by_value_max_bytes=by_value_max_bytes,
+        )
         report = (lambda step: None) if as_json else (lambda step: err_console.print(f"measuring {step} ..."))
         out = asyncio.run(b.compare(uri, load, args, report))
         out["summary"] = b.summary(out["rows"], slo_ms)
@@ -197,6 +212,7 @@ def _print_summary(out: dict[str, Any]) -> None:
         "stage_batch_wait_s",
         "max_ongoing_requests",
         "in_flight_batches",
+        "by_value_max_bytes",
         "access_log",
     ]
     configs = out["configs"]

@@ -6,6 +6,7 @@ Two applications: ``mlp`` at ``/`` (stages reserve their planned GPU shares) and
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import io
 import json
@@ -30,7 +31,10 @@ from partitions.dtypes import from_oip, np_dtype, oip_datatype
 from partitions.plan import PLAN_FILE
 from serve_app import codecs
 from serve_app.app import AppArgs, build_app
+from serve_app.entrance import run_stages, send_batch
+from serve_app.names import stage_name
 from serve_app.tensors import BadRequest
+from serve_app.transport import StageHandles, hop_sample_bytes, too_large
 from tests import REPO
 from tests.serve_fixtures import TRANSFORMER, PlannedModel, Planner, rel_err
 from tests.serve_session import delete_apps
@@ -204,6 +208,27 @@ def test_python_handle_in_process_and_from_another_driver(served: Served) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     other = np.asarray(json.loads(proc.stdout.strip().splitlines()[-1])["output"], dtype=np.float32)
     assert rel_err(other, want) <= 1e-6
+
+
+def test_batches_travel_by_value_or_by_reference_with_the_same_answers(served: Served) -> None:
+    """The transformer's stages called from here as the entrance calls them: a small batch by value (gRPC) and
+    by reference (object store) gives the model's outputs; a batch whose messages are over gRPC's 4 MiB
+    (stage 0 answers 4 KiB per sample) is refused by value and :func:`send_batch` sends it by reference."""
+    model = served.transformer
+    plan = model.plan
+    handles = [serve.get_deployment_handle(stage_name(s.index), "transformer") for s in plan.stages]
+    small, large = model.sample(3, seed=5), model.sample(1100, seed=6)
+    assert hop_sample_bytes(plan) * 1100 > 4 * 2**20 > hop_sample_bytes(plan) * 3
+    both = StageHandles(plan, handles, by_value_max_bytes=2**30)
+    assert both.for_batch(small, 3) is both.by_value and both.for_batch(large, 1100) is both.by_value
+    for stages in (both.by_value, both.by_reference):
+        got = asyncio.run(run_stages(plan, stages, small, by_value=stages is both.by_value))
+        assert rel_err(got["output"], model.reference(small)["output"]) <= 1e-6
+    with pytest.raises(Exception) as refused:
+        asyncio.run(run_stages(plan, both.by_value, large, by_value=True))
+    assert too_large(refused.value), refused.value
+    got = asyncio.run(send_batch(both, large))
+    assert rel_err(got["output"], model.reference(large)["output"]) <= 1e-6
 
 
 def test_stages_get_planned_gpu_shares_and_run_on_cpu(served: Served) -> None:

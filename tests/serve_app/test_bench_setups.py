@@ -6,6 +6,7 @@ import pytest
 
 from serve_app.app import AppArgs, batch_wait_s
 from serve_app.bench import setup_configs, summary, torch_bounds
+from serve_app.transport import BY_VALUE_MAX_BYTES
 from tests.serve_fixtures import MLP, PlannedModel
 
 
@@ -26,10 +27,14 @@ def test_baselines_get_partserves_batch_threads_and_log(mlp: PlannedModel) -> No
     assert (chain.stage_max_batch_size, chain.stage_batch_wait_s) == (mine.stage_max_batch_size, 0.0)
     assert chain.torch_threads == mine.torch_threads == 1  # num_cpus 0: Ray's one thread per replica
     assert chain.max_ongoing_requests == 2 * mine.max_batch_size
+    # Batches go between the chain's stages as between partserve's: by value up to the same bound.
+    assert chain.by_value_max_bytes == mine.by_value_max_bytes == BY_VALUE_MAX_BYTES
     assert not any(c.access_log for c in configs.values())
     # Options that change partserve change the baselines with it.
     more = setup_configs(mlp.plan, AppArgs(plan_uri=mlp.uri, torch_threads=2, max_batch_size=4, access_log=True), 2)
     assert more["serve-chain"].torch_threads == 2 and more["serve-whole"].max_batch_size == 4
+    by_reference = setup_configs(mlp.plan, AppArgs(plan_uri=mlp.uri, by_value_max_bytes=0), 2)
+    assert by_reference["serve-chain"].by_value_max_bytes == by_reference["partserve"].by_value_max_bytes == 0
     assert all(c.access_log for c in more.values())
     assert set(whole.row()) == {f"cfg_{k}" for k in whole.__dataclass_fields__ if k != "setup"}
 
