@@ -193,10 +193,10 @@ async def run_stages(
 
 
 async def send_batch(handles: StageHandles, payload: Payload, deadline_s: float | None = None) -> dict[str, np.ndarray]:
-    """:func:`run_stages` on the handles the batch travels on (:meth:`StageHandles.for_batch`); sent again by
-    reference when gRPC refused one of its messages as too large (an estimate that fell short)."""
-    stages = handles.for_batch(payload, samples(payload))
-    by_value = stages is handles.by_value
+    """:func:`run_stages` on the handles the batch travels on (:meth:`StageHandles.goes_by_value`); sent again
+    by reference when gRPC refused one of its messages as too large (an estimate that fell short)."""
+    by_value = handles.goes_by_value(payload, samples(payload))
+    stages = handles.by_value if by_value else handles.by_reference
     try:
         return await run_stages(handles.plan, stages, payload, deadline_s, by_value)
     except Exception as exc:

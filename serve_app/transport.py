@@ -17,6 +17,7 @@ memory. So a batch goes by value when every message it puts on a hop is estimate
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -47,20 +48,32 @@ def payload_bytes(payload: Mapping[str, np.ndarray]) -> Bytes:
     return sum(a.nbytes for a in payload.values())
 
 
-def largest_message(plan: Plan, payload: Mapping[str, np.ndarray], samples: int) -> Bytes:
-    """Estimated bytes of the largest message a batch puts on a hop: :func:`hop_sample_bytes` per sample,
-    scaled by how much larger than the plan's inputs the batch's inputs are per sample (a longer sequence
-    than the plan's makes every activation longer), and never under the inputs themselves."""
-    planned = sum(t.sample_bytes() for t in plan.inputs)
-    given = payload_bytes(payload)
-    scale = max(1.0, given / (samples * planned)) if samples and planned else 1.0
-    return max(given, int(samples * hop_sample_bytes(plan) * scale))
+@dataclass(frozen=True)
+class MessageEstimate:
+    """What a plan's messages between stages weigh per sample, worked out once per plan."""
+
+    per_sample: Bytes
+    """:func:`hop_sample_bytes` of the plan."""
+    planned_input: Bytes
+    """Bytes of one sample of the model inputs at the plan's shapes."""
+
+    @classmethod
+    def of(cls, plan: Plan) -> MessageEstimate:
+        return cls(hop_sample_bytes(plan), sum(t.sample_bytes() for t in plan.inputs))
+
+    def largest(self, payload: Mapping[str, np.ndarray], samples: int) -> Bytes:
+        """Estimated bytes of the largest message a batch puts on a hop: ``per_sample`` per sample, scaled by
+        how much larger than the plan's inputs the batch's inputs are per sample (a longer sequence than the
+        plan's makes every activation longer), and never under the inputs themselves."""
+        given = payload_bytes(payload)
+        scale = max(1.0, given / (samples * self.planned_input)) if samples and self.planned_input else 1.0
+        return max(given, int(samples * self.per_sample * scale))
 
 
-def by_value(plan: Plan, payload: Mapping[str, np.ndarray], samples: int, max_bytes: Bytes) -> bool:
-    """Whether a batch of ``samples`` goes by value: its :func:`largest_message` is at most ``max_bytes``
-    (0: never)."""
-    return max_bytes > 0 and largest_message(plan, payload, samples) <= max_bytes
+def by_value(estimate: MessageEstimate, payload: Mapping[str, np.ndarray], samples: int, max_bytes: Bytes) -> bool:
+    """Whether a batch of ``samples`` goes by value: its :meth:`MessageEstimate.largest` message is at most
+    ``max_bytes`` (0: never)."""
+    return max_bytes > 0 and estimate.largest(payload, samples) <= max_bytes
 
 
 def too_large(exc: BaseException) -> bool:
@@ -70,7 +83,7 @@ def too_large(exc: BaseException) -> bool:
 
 
 class StageHandles:
-    """The stage deployments' handles both ways: :meth:`for_batch` picks by value or by reference."""
+    """The stage deployments' handles both ways, and which way a batch goes (:meth:`goes_by_value`)."""
 
     def __init__(self, plan: Plan, stages: list[DeploymentHandle], by_value_max_bytes: Bytes) -> None:
         """``by_value_max_bytes``: see :func:`by_value` (0: every batch by reference)."""
@@ -78,7 +91,8 @@ class StageHandles:
         self.by_reference = stages
         self.by_value = [h.options(_by_reference=False) for h in stages]
         self.max_bytes = by_value_max_bytes
+        self.estimate = MessageEstimate.of(plan)
 
-    def for_batch(self, payload: Payload, samples: int) -> list[DeploymentHandle]:
-        """The handles a batch of ``samples`` travels on."""
-        return self.by_value if by_value(self.plan, payload, samples, self.max_bytes) else self.by_reference
+    def goes_by_value(self, payload: Payload, samples: int) -> bool:
+        """Whether a batch of ``samples`` travels on :attr:`by_value` (else :attr:`by_reference`)."""
+        return by_value(self.estimate, payload, samples, self.max_bytes)

@@ -220,7 +220,7 @@ def test_batches_travel_by_value_or_by_reference_with_the_same_answers(served: S
     small, large = model.sample(3, seed=5), model.sample(1100, seed=6)
     assert hop_sample_bytes(plan) * 1100 > 4 * 2**20 > hop_sample_bytes(plan) * 3
     both = StageHandles(plan, handles, by_value_max_bytes=2**30)
-    assert both.for_batch(small, 3) is both.by_value and both.for_batch(large, 1100) is both.by_value
+    assert both.goes_by_value(small, 3) and both.goes_by_value(large, 1100)
     for stages in (both.by_value, both.by_reference):
         got = asyncio.run(run_stages(plan, stages, small, by_value=stages is both.by_value))
         assert rel_err(got["output"], model.reference(small)["output"]) <= 1e-6

@@ -11,7 +11,7 @@ from ray.exceptions import RayTaskError
 
 from partitions.runtime import StageRunner, stage_payload
 from serve_app.tensors import to_wire
-from serve_app.transport import BY_VALUE_MAX_BYTES, by_value, largest_message, payload_bytes, too_large
+from serve_app.transport import BY_VALUE_MAX_BYTES, MessageEstimate, by_value, payload_bytes, too_large
 from tests.serve_fixtures import TRANSFORMER, PlannedModel, Planner
 
 
@@ -34,25 +34,25 @@ def test_estimate_is_the_largest_message_the_stages_send(transformer: PlannedMod
             messages.append(payload_bytes(to_wire(payload)))
         sent[stage.index] = runner(payload)
         messages.append(payload_bytes(to_wire(sent[stage.index])))
-    assert largest_message(plan, inputs, samples) == max(messages)
+    assert MessageEstimate.of(plan).largest(inputs, samples) == max(messages)
 
 
 def test_a_batch_goes_by_value_up_to_the_bound(transformer: PlannedModel) -> None:
-    plan = transformer.plan
-    one = largest_message(plan, transformer.sample(1), 1)
+    estimate = MessageEstimate.of(transformer.plan)
+    one = estimate.largest(transformer.sample(1), 1)
     fits = BY_VALUE_MAX_BYTES // one
-    assert by_value(plan, transformer.sample(fits), fits, BY_VALUE_MAX_BYTES)
-    assert not by_value(plan, transformer.sample(fits + 1), fits + 1, BY_VALUE_MAX_BYTES)
-    assert not by_value(plan, transformer.sample(1), 1, 0), "0 sends every batch by reference"
+    assert by_value(estimate, transformer.sample(fits), fits, BY_VALUE_MAX_BYTES)
+    assert not by_value(estimate, transformer.sample(fits + 1), fits + 1, BY_VALUE_MAX_BYTES)
+    assert not by_value(estimate, transformer.sample(1), 1, 0), "0 sends every batch by reference"
 
 
 @given(samples=st.integers(1, 64), bound=st.integers(0, 1 << 24))
 def test_by_value_is_monotone_in_samples_and_bound(transformer: PlannedModel, samples: int, bound: int) -> None:
-    plan = transformer.plan
-    if by_value(plan, transformer.sample(samples), samples, bound):
-        assert by_value(plan, transformer.sample(samples), samples, bound + 1)
+    estimate = MessageEstimate.of(transformer.plan)
+    if by_value(estimate, transformer.sample(samples), samples, bound):
+        assert by_value(estimate, transformer.sample(samples), samples, bound + 1)
         if samples > 1:
-            assert by_value(plan, transformer.sample(samples - 1), samples - 1, bound)
+            assert by_value(estimate, transformer.sample(samples - 1), samples - 1, bound)
 
 
 def wrapped(error: BaseException) -> BaseException:
