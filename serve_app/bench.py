@@ -15,22 +15,27 @@
 
 Every setup's configuration (:class:`~serve_app.baselines.SetupConfig`: threads, CPUs, batch, wait, in flight,
 access log) goes into its rows. Serve setups get the same closed-loop load through Python handles from this
-process (no HTTP proxy on the path), each on a fresh local Ray (:func:`fresh_serve`), then one closed-loop
+process (no HTTP proxy on the path), each in its own process on a fresh local Ray, then one closed-loop
 level over HTTP (``.npy`` bodies through Serve's proxy) so the proxy's share shows too. :func:`summary`
 compares best against best, at every concurrency level, and under a p99 bound (``slo_ms``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
+import multiprocessing
 import os
+import signal
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from multiprocessing.connection import Connection
 
 import httpx
 import numpy as np
@@ -42,6 +47,7 @@ from ray.serve import Application
 from partitions.costs import measure_ms
 from partitions.dtypes import to_numpy
 from partitions.engines import EAGER, ENGINES, stages_engine, whole_model
+from partitions.errors import PartserveError
 from partitions.inputs import random_inputs
 from partitions.plan import Plan
 from partitions.runtime import load_pipeline, pick_device, run_pipeline
@@ -66,6 +72,10 @@ BASELINES = ("serve-whole", "serve-replicas", "serve-chain")
 """The plain Serve setups partserve is compared with, at every level and best against best."""
 SERVE_SETUPS = (*BASELINES, "partserve")
 WHOLE_SETUPS = ("serve-whole", "serve-replicas")
+SETUP_EXIT_S = 60.0
+"""How long a setup's process may take to shut its Ray down and exit, in s."""
+SetupFigures = tuple[list[dict[str, object]], list[dict[str, float]] | None]
+"""A setup's rows, and its per-stage figures (``None`` for the whole-model setups)."""
 
 
 def summary_key(setup: str) -> str:
@@ -294,37 +304,102 @@ def fresh_serve(port: int) -> Iterator[None]:
             ray.shutdown()
 
 
+async def measure_setup(name: str, plan_uri: str, load: Load, args: AppArgs) -> SetupFigures:
+    """One Serve setup on a fresh local Ray: the closed-loop sweep through a handle, then one HTTP level;
+    its rows and (for the pipelines) per-stage figures."""
+    plan = read_plan(plan_uri)
+    requests = payloads(plan, load.samples_per_request, seed=load.seed)
+    config, make = serve_setups(plan, args)[name]
+    rows: list[dict[str, object]] = []
+    figures = None
+    app_name = f"bench-{name}"
+    port = free_port()
+    with fresh_serve(port):
+        handle = serve.run(make(), name=app_name, route_prefix="/")
+        start = time.time()
+        for result in await sweep(cycling(handle.infer.remote, requests), load):
+            rows.append(
+                {"setup": name, "path": "handle", **result.row(), **config.row(), "first_error": result.first_error}
+            )
+        if name not in WHOLE_SETUPS:
+            figures = await stage_figures(app_name, plan, start, time.time())
+        if load.http_level and len(plan.inputs) == 1:
+            url = f"http://127.0.0.1:{port}{http_path(name, plan, args)}"
+            result = await http_run(url, requests, load)
+            rows.append(
+                {"setup": name, "path": "http", **result.row(), **config.row(), "first_error": result.first_error}
+            )
+    return rows, figures
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _setup_process(name: str, plan_uri: str, load: Load, args: AppArgs, results: Connection) -> None:
+    """A setup's own process: stdout joins stderr (the parent's stdout carries its report), SIGINT and SIGTERM
+    unwind through :func:`fresh_serve`'s clean-up, and the figures or the error go back through ``results``."""
+    os.dup2(2, 1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    try:
+        results.send(("figures", asyncio.run(measure_setup(name, plan_uri, load, args))))
+    except BaseException as exc:
+        traceback.print_exc()
+        results.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def measure_setup_in_own_process(name: str, plan_uri: str, load: Load, args: AppArgs) -> SetupFigures:
+    """:func:`measure_setup` in a fresh (spawned) Python process, stopped in ``finally``. Ray is started and
+    shut down once per process: restarting it in one process, with Serve's router and long-poll threads of
+    the last session still running, can crash that process (SIGSEGV, ray-project/ray#31145)."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_setup_process, args=(name, plan_uri, load, args, send), name=f"bench-{name}")
+    proc.start()
+    send.close()
+    try:
+        kind, value = receive.recv()
+    except EOFError:
+        proc.join(timeout=SETUP_EXIT_S)
+        kind, value = "error", f"its process ended with code {proc.exitcode}"
+    except BaseException:
+        proc.terminate()  # interrupted: the setup's process shuts its Ray down
+        raise
+    finally:
+        _stop(proc)
+    if kind == "error":
+        raise PartserveError(f"measuring {name}: {value}", "the setup's own output is above")
+    return value
+
+
+def _stop(proc: multiprocessing.process.BaseProcess) -> None:
+    """Wait up to :data:`SETUP_EXIT_S` for ``proc`` to exit (shutting its Ray down), then SIGTERM, then SIGKILL."""
+    for stop in (lambda: None, proc.terminate, proc.kill):
+        stop()
+        proc.join(timeout=SETUP_EXIT_S)
+        if not proc.is_alive():
+            return
+
+
 async def compare(
     plan_uri: str, load: Load, args: AppArgs | None = None, progress: Callable[[str], None] = lambda step: None
 ) -> dict[str, object]:
-    """Run (a)-(d) under the same closed-loop load, each Serve setup on a fresh local Ray (handles, then one
-    HTTP level); returns rows per setup and level with each setup's configuration, plus stage figures."""
+    """Run (a)-(d) under the same closed-loop load, each Serve setup in its own process on its own local Ray
+    (handles, then one HTTP level); returns rows per setup and level with each setup's configuration, plus
+    stage figures."""
     plan = read_plan(plan_uri)
     args = args or AppArgs(plan_uri=plan_uri, num_cpus=0)
-    requests = payloads(plan, load.samples_per_request, seed=load.seed)
     rows: list[dict[str, object]] = []
     stages: dict[str, list[dict[str, float]]] = {}
     setups = serve_setups(plan, args)
-    for name, (config, make) in setups.items():
+    for name in setups:
         progress(name)
-        app_name = f"bench-{name}"
-        port = free_port()
-        with fresh_serve(port):
-            handle = serve.run(make(), name=app_name, route_prefix="/")
-            start = time.time()
-            for result in await sweep(cycling(handle.infer.remote, requests), load):
-                rows.append(
-                    {"setup": name, "path": "handle", **result.row(), **config.row(), "first_error": result.first_error}
-                )
-            if name not in WHOLE_SETUPS:
-                stages[name] = await stage_figures(app_name, plan, start, time.time())
-            if load.http_level and len(plan.inputs) == 1:
-                url = f"http://127.0.0.1:{port}{http_path(name, plan, args)}"
-                result = await http_run(url, requests, load)
-                rows.append(
-                    {"setup": name, "path": "http", **result.row(), **config.row(), "first_error": result.first_error}
-                )
-    # Last, with no Ray running: the model and torch's threads in this process slowed the load generator.
+        setup_rows, figures = measure_setup_in_own_process(name, plan_uri, load, args)
+        rows += setup_rows
+        if figures is not None:
+            stages[name] = figures
+    # Last, in this process (it never runs Ray), with the machine to itself.
     progress("torch")
     stage_threads = setups["partserve"][0].torch_threads
     rows[:0] = [

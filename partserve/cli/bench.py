@@ -131,7 +131,7 @@ def bench(
     if sum(map(bool, (compare, url, app_name))) != 1:
         raise PartserveError("say what to measure", "pass one of --compare, --url URL or --app NAME")
     if compare:
-        from partserve.cli.serving import resolve_plan
+        from partserve.cli.serving import resolve_plan, stop_on_signals
         from serve_app.app import AppArgs
 
         uri = resolve_plan(target, None, 8, not as_json)
@@ -143,6 +143,7 @@ def bench(
             by_value_max_bytes=by_value_max_bytes,
         )
         report = (lambda step: None) if as_json else (lambda step: err_console.print(f"measuring {step} ..."))
+        stop_on_signals()  # each setup's process shuts its Ray down when this one stops
         out = asyncio.run(b.compare(uri, load, args, report))
         out["summary"] = b.summary(out["rows"], slo_ms)
         _report(out, parquet, plot, as_json)

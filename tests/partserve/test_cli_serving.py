@@ -59,10 +59,10 @@ def test_build_writes_a_config_serve_deploy_accepts(mlp: PlannedModel, tmp_path:
 def start_in_background(
     args: list[str], env: dict[str, str], tmp: Path
 ) -> tuple[subprocess.Popen[str], psutil.Process]:
-    """``partserve run ARGS`` as a background job of a shell script, which starts it with SIGINT ignored;
+    """``partserve ARGS`` as a background job of a shell script, which starts it with SIGINT ignored;
     returns the shell and the ``partserve`` process."""
     pid_file = tmp / "run.pid"
-    script = f"{shlex.join([*CLI, 'run', *args])} & echo $! > {shlex.quote(str(pid_file))}; wait"
+    script = f"{shlex.join([*CLI, *args])} & echo $! > {shlex.quote(str(pid_file))}; wait $!"
     shell = subprocess.Popen(
         ["bash", "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
@@ -86,12 +86,14 @@ def wait_for(lines: queue.Queue[str], done: Callable[[str], bool], timeout_s: fl
     return seen
 
 
-def assert_stops(shell: subprocess.Popen[str], run: psutil.Process, sig: int, started: set[psutil.Process]) -> None:
-    """``sig`` stops ``run`` within 30 s, with exit code 0, and every process it started is gone."""
+def assert_stops(
+    shell: subprocess.Popen[str], run: psutil.Process, sig: int, started: set[psutil.Process], code: int = 0
+) -> None:
+    """``sig`` stops ``run`` within 30 s, with exit code ``code``, and every process it started is gone."""
     started |= set(run.children(recursive=True))
     run.send_signal(sig)
     run.wait(timeout=30)
-    assert shell.wait(timeout=10) == 0  # the shell's `wait` returns the job's exit code
+    assert shell.wait(timeout=10) == code  # the shell's `wait` returns the job's exit code
     _, alive = psutil.wait_procs(list(started), timeout=30)
     assert not alive, [p.pid for p in alive]
 
@@ -99,7 +101,7 @@ def assert_stops(shell: subprocess.Popen[str], run: psutil.Process, sig: int, st
 @pytest.mark.slow
 def test_run_from_a_background_job_serves_until_sigint(plan_dir: str, tmp_path: Path) -> None:
     port = free_port()
-    shell, run = start_in_background([plan_dir, "--port", str(port), "--json"], dict(os.environ), tmp_path)
+    shell, run = start_in_background(["run", plan_dir, "--port", str(port), "--json"], dict(os.environ), tmp_path)
     started: set[psutil.Process] = set()
     try:
         out = lines_of(shell.stdout)
@@ -123,12 +125,32 @@ def test_run_from_a_background_job_serves_until_sigint(plan_dir: str, tmp_path: 
 def test_run_stops_on_sigterm_while_starting(tmp_path: Path) -> None:
     """Planning a model into an empty cache, then starting Ray: SIGTERM there stops it too."""
     env = {**os.environ, "PARTSERVE_CACHE": str(tmp_path)}
-    shell, run = start_in_background(["demo-mlp", "--stages", "2", "--port", str(free_port())], env, tmp_path)
+    shell, run = start_in_background(["run", "demo-mlp", "--stages", "2", "--port", str(free_port())], env, tmp_path)
     started: set[psutil.Process] = set()
     try:
         wait_for(lines_of(shell.stderr), lambda t: "deploying" in t, 240)
         time.sleep(1.0)  # Ray is starting
         assert_stops(shell, run, signal.SIGTERM, started)
+    finally:
+        for p in [run, *started]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        shell.kill()
+
+
+@pytest.mark.slow
+def test_bench_compare_stops_on_sigterm_with_every_setup_process_and_ray_gone(plan_dir: str, tmp_path: Path) -> None:
+    """SIGTERM while a setup's process runs its Ray: the bench exits (code 1, cut short) and leaves nothing."""
+    args = ["bench", plan_dir, "--compare", "--concurrency", "1", "--duration-s", "60", "--http-level", "0"]
+    shell, run = start_in_background(args, dict(os.environ), tmp_path)
+    started: set[psutil.Process] = set()
+    try:
+        wait_for(lines_of(shell.stderr), lambda t: "measuring serve-whole" in t, 120)
+        deadline = time.monotonic() + 120
+        while not any("raylet" in p.name() for p in run.children(recursive=True)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert any("raylet" in p.name() for p in run.children(recursive=True)), "the setup's Ray never started"
+        assert_stops(shell, run, signal.SIGTERM, started, code=1)
     finally:
         for p in [run, *started]:
             with contextlib.suppress(psutil.Error):
