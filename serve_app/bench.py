@@ -36,7 +36,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from multiprocessing.connection import Connection
-from typing import Any
 
 import httpx
 import numpy as np
@@ -59,6 +58,7 @@ from serve_app.baselines import SetupConfig, plain_chain_app, whole_model_app
 from serve_app.loadgen import Call, RunResult, closed_loop, open_loop
 from serve_app.names import stage_name
 from serve_app.ports import free_port
+from serve_app.ray_internals import stop_signals_held
 
 SETUPS = (
     "torch",
@@ -291,31 +291,24 @@ async def http_run(url: str, requests: list[dict[str, np.ndarray]], load: Load) 
 
 
 @contextlib.contextmanager
-def fresh_serve(port: int, ray_started: Callable[[], None] = lambda: None) -> Iterator[None]:
-    """A local Ray with Serve's proxy on 127.0.0.1:``port``, shut down on exit; ``ray_started()`` once Ray is
-    up, with SIGTERM raising ``KeyboardInterrupt`` again (``ray.init`` puts its own handler there, which exits
-    while it starts Ray's processes and leaves Ray's agents running: stop this process only after that call).
-    Each setup gets its own: run one after another on one Ray, every setup measured slower than the one before
-    it (the earlier setups' handles and routers kept working in this process and in Serve's controller)."""
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+def fresh_serve(port: int) -> Iterator[None]:
+    """A local Ray with Serve's proxy on 127.0.0.1:``port``, shut down on exit (a SIGINT or SIGTERM while Ray
+    starts is held until it is up, :func:`~serve_app.ray_internals.stop_signals_held`). Each setup gets its
+    own: run one after another on one Ray, every setup measured slower than the one before it (the earlier
+    setups' handles and routers kept working in this process and in Serve's controller)."""
     try:
-        signal.signal(signal.SIGTERM, _interrupt)
-        ray_started()
+        with stop_signals_held():
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield
     finally:
         with contextlib.redirect_stdout(sys.stderr):  # Ray's shutdown messages: stdout carries reports
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
             ray.shutdown()
 
 
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
-async def measure_setup(
-    name: str, plan_uri: str, load: Load, args: AppArgs, ray_started: Callable[[], None] = lambda: None
-) -> SetupFigures:
+async def measure_setup(name: str, plan_uri: str, load: Load, args: AppArgs) -> SetupFigures:
     """One Serve setup on a fresh local Ray (:func:`fresh_serve`): the closed-loop sweep through a handle,
     then one HTTP level; its rows and (for the pipelines) per-stage figures."""
     plan = read_plan(plan_uri)
@@ -325,7 +318,7 @@ async def measure_setup(
     figures = None
     app_name = f"bench-{name}"
     port = free_port()
-    with fresh_serve(port, ray_started):
+    with fresh_serve(port):
         handle = serve.run(make(), name=app_name, route_prefix="/")
         start = time.time()
         for result in await sweep(cycling(handle.infer.remote, requests), load):
@@ -343,57 +336,41 @@ async def measure_setup(
     return rows, figures
 
 
-RAY_STARTED = "ray started"
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
-def _setup_process(name: str, plan_uri: str, load: Load, args: AppArgs, messages: Connection) -> None:
-    """A setup's own process: stdout joins stderr (the parent's stdout carries its report); SIGINT does
-    nothing (the parent, which gets a terminal's Ctrl-C too, stops this process once its Ray is up) and
-    SIGTERM unwinds through :func:`fresh_serve`'s clean-up; ``RAY_STARTED``, then the figures or the error,
-    go to the parent through ``messages``."""
+def _setup_process(name: str, plan_uri: str, load: Load, args: AppArgs, results: Connection) -> None:
+    """A setup's own process: stdout joins stderr (the parent's stdout carries its report), SIGINT and SIGTERM
+    unwind through :func:`fresh_serve`'s clean-up, and the figures or the error go back through ``results``."""
     os.dup2(2, 1)
-    signal.signal(signal.SIGINT, lambda *_: None)  # not SIG_IGN: Ray's processes would inherit that
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
-        figures = asyncio.run(measure_setup(name, plan_uri, load, args, lambda: messages.send((RAY_STARTED, None))))
-        messages.send(("figures", figures))
+        results.send(("figures", asyncio.run(measure_setup(name, plan_uri, load, args))))
     except BaseException as exc:
         traceback.print_exc()
-        messages.send(("error", f"{type(exc).__name__}: {exc}"))
+        results.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def measure_setup_in_own_process(name: str, plan_uri: str, load: Load, args: AppArgs) -> SetupFigures:
     """:func:`measure_setup` in a fresh (spawned) Python process, stopped in ``finally``. Ray is started and
     shut down once per process: restarting it in one process, with Serve's router and long-poll threads of
-    the last session still running, can crash that process (SIGSEGV, ray-project/ray#31145). Interrupted,
-    this waits for the setup's Ray to be up before stopping it."""
+    the last session still running, can crash that process (SIGSEGV, ray-project/ray#31145)."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_setup_process, args=(name, plan_uri, load, args, send), name=f"bench-{name}")
     proc.start()
     send.close()
-    started = False
-
-    def message() -> tuple[str, Any]:
-        nonlocal started
-        while not receive.poll(0.2):  # not a blocking recv: signals reach this (main) thread between polls
+    try:
+        while not receive.poll(0.2):  # not a blocking recv: a signal taken by another thread runs its handler
             pass
         kind, value = receive.recv()
-        started = started or kind == RAY_STARTED
-        return kind, value
-
-    try:
-        kind, value = message()
-        while kind == RAY_STARTED:
-            kind, value = message()
     except EOFError:
         proc.join(timeout=SETUP_EXIT_S)
         kind, value = "error", f"its process ended with code {proc.exitcode}"
     except BaseException:
-        with contextlib.suppress(EOFError):
-            while not started:
-                message()
-        proc.terminate()  # the setup's process shuts its Ray down
+        proc.terminate()  # interrupted: the setup's process shuts its Ray down
         raise
     finally:
         _stop(proc)

@@ -6,6 +6,9 @@ starts here (the tests exercise each one). Code elsewhere imports Ray's public A
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import ray
@@ -19,6 +22,32 @@ CHECKED_RAY_VERSION = "2.60.0"
 
 SERVE_NAMESPACE: str = "serve"
 """Ray namespace of Serve's actors (``ray.serve._private.constants.SERVE_NAMESPACE``)."""
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """For starting Ray: SIGINT and SIGTERM that arrive inside the block are held and raise
+    ``KeyboardInterrupt`` when it ends, and ``ray.init`` inside it leaves this process's handlers as they are
+    (``ray._private.utils.set_sigterm_handler``, which ``ray.init`` calls to install handlers that exit on the
+    spot). Stopped inside ``ray.init``, a process has started Ray's processes but holds no node to shut them
+    down, and Ray's dashboard and runtime-env agents outlive it."""
+    from ray._private import utils
+
+    held: list[int] = []
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in stop_signals}
+    install = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    for sig in stop_signals:
+        signal.signal(sig, lambda sig, _frame: held.append(sig))
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = install
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def serve_details() -> ServeInstanceDetails | None:

@@ -286,8 +286,10 @@ def run(
             log_file = os.path.join(cache_root(), "logs", f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
             ray_logs_to_file(log_file)
         say(f"starting Ray and deploying {len(plan.stages)} stages of {plan.model['spec']} from {uri} ...")
-        names = local.deploy_config(config, address, log_to_driver=verbose)
-        stop_on_signals()
+        from serve_app.ray_internals import stop_signals_held
+
+        with stop_signals_held():  # stopped inside ray.init, Ray's agents would outlive this process
+            names = local.deploy_config(config, address, log_to_driver=verbose)
         if not verbose:
             from serve_app.ray_internals import session_dir
 
