@@ -428,6 +428,11 @@ def _f(row: dict[str, object], key: str) -> float:
     return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
+def ratio(a: float, b: float) -> float:
+    """``a / b``, NaN where ``b`` is 0 (a setup that completed no request in a level's window)."""
+    return a / b if b else float("nan")
+
+
 def summary(rows: list[dict[str, object]], slo_ms: float | None = None) -> dict[str, object]:
     """Best against best, at equal load, and under a latency bound, from the rows of :func:`compare`.
 
@@ -459,7 +464,7 @@ def summary(rows: list[dict[str, object]], slo_ms: float | None = None) -> dict[
             "at_level": r.get("level"),
             "p50_ms": r.get("p50_ms"),
             "p99_ms": r.get("p99_ms"),
-            **{f"vs_{summary_key(k)}": tput(s, best) / v for k, v in reference.items()},
+            **{f"vs_{summary_key(k)}": ratio(tput(s, best), v) for k, v in reference.items()},
         }
         for s, r in ((s, best[s]) for s in SETUPS if s in best)
     ]
@@ -472,7 +477,7 @@ def summary(rows: list[dict[str, object]], slo_ms: float | None = None) -> dict[
             entry[s] = {k: r.get(k) for k in ("throughput_samples_per_s", "p50_ms", "p99_ms")}
         mine = tput("partserve", here)
         for base in BASELINES:
-            entry[f"partserve_vs_{summary_key(base)}"] = mine / tput(base, here)
+            entry[f"partserve_vs_{summary_key(base)}"] = ratio(mine, tput(base, here))
         at_level.append(entry)
     if slo_ms is None and "torch" in bounds:
         slo_ms = 4 * _f(bounds["torch"], "p50_ms")
@@ -491,8 +496,8 @@ def summary(rows: list[dict[str, object]], slo_ms: float | None = None) -> dict[
         "stages_in_process_p50_ms": _f(latency[0], "p50_ms") if latency else float("nan"),
         "serve_whole_p50_ms": _f(one["serve-whole"], "p50_ms") if "serve-whole" in one else float("nan"),
     }
-    idle["vs_stages_in_process"] = idle["partserve_p50_ms"] / idle["stages_in_process_p50_ms"]
-    idle["vs_serve_whole"] = idle["partserve_p50_ms"] / idle["serve_whole_p50_ms"]
+    idle["vs_stages_in_process"] = ratio(idle["partserve_p50_ms"], idle["stages_in_process_p50_ms"])
+    idle["vs_serve_whole"] = ratio(idle["partserve_p50_ms"], idle["serve_whole_p50_ms"])
     http = {
         str(r["setup"]): {
             "level": r.get("level"),

@@ -161,7 +161,7 @@ def test_bench_compare_stops_on_sigterm_with_every_setup_process_and_ray_gone(pl
 @pytest.mark.slow  # five setups, each on a fresh local Ray
 def test_bench_compare_measures_every_setup(plan_dir: str, tmp_path: Path) -> None:
     parquet, plot = tmp_path / "bench.parquet", tmp_path / "bench.png"
-    args = ["--concurrency", "1,4", "--duration-s", "0.5", "--warmup-s", "0.2", "--http-level", "2"]
+    args = ["--concurrency", "1,4", "--duration-s", "0.5", "--warmup-s", "1", "--http-level", "2"]  # a cold first call
     args += ["--out", str(parquet)]
     r = subprocess.run(
         [*CLI, "bench", plan_dir, "--compare", *args, "--plot", str(plot), "--json"],

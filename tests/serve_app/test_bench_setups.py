@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from serve_app.app import AppArgs, batch_wait_s
@@ -80,6 +82,13 @@ def test_summary_compares_at_equal_load_and_under_the_slo() -> None:
     assert s["slo"]["serve-whole"]["throughput_samples_per_s"] == 60.0
     assert s["idle"]["vs_stages_in_process"] == pytest.approx(1.1)  # 44 / 40
     assert s["idle"]["vs_serve_whole"] == pytest.approx(0.88)  # 44 / 50
+
+
+def test_summary_of_a_baseline_that_completed_nothing_at_a_level_has_no_ratio_there() -> None:
+    rows = [row("serve-whole", 1, 0.0, float("nan"), float("nan")), row("partserve", 1, 22.0, 44.0, 50.0)]
+    s = summary(rows)
+    assert math.isnan(s["at_level"][0]["partserve_vs_serve_whole"])
+    assert math.isnan({r["setup"]: r for r in s["best"]}["partserve"]["vs_serve_whole"])
 
 
 @pytest.mark.slow  # plans on the engine and exports the whole model to it (inductor: compiles both)
