@@ -15,4 +15,5 @@
 * :mod:`serve_app.metrics`: per-stage Prometheus metrics (latency, batch sizes, queue, busy time).
 * :mod:`serve_app.loadgen`, :mod:`serve_app.baselines`, :mod:`serve_app.bench`: ``partserve bench``.
 * :mod:`serve_app.ports`: a free local port for a Serve proxy (bench, benchmarks, tests).
+* :mod:`serve_app.stop_signals`: SIGINT and SIGTERM stop a long-running command through its clean-up.
 """

@@ -27,7 +27,6 @@ import contextlib
 import io
 import multiprocessing
 import os
-import signal
 import statistics
 import sys
 import time
@@ -59,6 +58,7 @@ from serve_app.loadgen import Call, RunResult, closed_loop, open_loop
 from serve_app.names import stage_name
 from serve_app.ports import free_port
 from serve_app.ray_internals import stop_signals_held
+from serve_app.stop_signals import stop_on_signals
 
 SETUPS = (
     "torch",
@@ -336,16 +336,11 @@ async def measure_setup(name: str, plan_uri: str, load: Load, args: AppArgs) -> 
     return rows, figures
 
 
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
 def _setup_process(name: str, plan_uri: str, load: Load, args: AppArgs, results: Connection) -> None:
     """A setup's own process: stdout joins stderr (the parent's stdout carries its report), SIGINT and SIGTERM
     unwind through :func:`fresh_serve`'s clean-up, and the figures or the error go back through ``results``."""
     os.dup2(2, 1)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
+    stop_on_signals()
     try:
         results.send(("figures", asyncio.run(measure_setup(name, plan_uri, load, args))))
     except BaseException as exc:

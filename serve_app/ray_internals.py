@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, cast
 import ray
 from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
 
+from serve_app.stop_signals import STOP_SIGNALS
+
 if TYPE_CHECKING:
     from ray._private.node import Node
 
@@ -34,11 +36,10 @@ def stop_signals_held() -> Iterator[None]:
     from ray._private import utils
 
     held: list[int] = []
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.getsignal(sig) for sig in stop_signals}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     install = utils.set_sigterm_handler
     utils.set_sigterm_handler = lambda handler: None
-    for sig in stop_signals:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda sig, _frame: held.append(sig))
     try:
         yield

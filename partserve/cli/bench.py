@@ -131,8 +131,9 @@ def bench(
     if sum(map(bool, (compare, url, app_name))) != 1:
         raise PartserveError("say what to measure", "pass one of --compare, --url URL or --app NAME")
     if compare:
-        from partserve.cli.serving import resolve_plan, stop_on_signals
+        from partserve.cli.serving import resolve_plan
         from serve_app.app import AppArgs
+        from serve_app.stop_signals import stop_on_signals
 
         uri = resolve_plan(target, None, 8, not as_json)
         args = AppArgs(

@@ -6,13 +6,13 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import time
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from partserve.cli.output import console, domain_errors, emit_json, err_console, parse_pairs, progress_bar
+from serve_app.stop_signals import ignore_signals, stop_on_signals
 
 if TYPE_CHECKING:
     from partitions.plan import Plan
@@ -179,27 +179,6 @@ def ray_logs_to_file(path: str) -> None:
             if not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.WARNING)
         logger.addHandler(to_file)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
-def stop_on_signals() -> None:
-    """From now on SIGINT and SIGTERM raise ``KeyboardInterrupt`` here, whatever this process inherited: a
-    background job of a shell script starts with SIGINT ignored, and ``ray.init`` installs its own SIGTERM
-    handler (call this again after it)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _interrupt)
-
-
-def ignore_signals() -> None:
-    """While stopping: a second Ctrl-C must not cut the clean-up short and leave Ray processes behind."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 scaling_options = [
