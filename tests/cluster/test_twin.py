@@ -1,11 +1,16 @@
-"""The live twin's pure parts (``benchmarks/autoscale_twin.py``): the entrance's metric phase read from a run."""
+"""The live twin's pure parts (``benchmarks/autoscale_twin.py``): the entrance's metric phase read from a run, a
+stored run's figures at another SLO."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
+import numpy as np
 import pytest
 
-from benchmarks.autoscale_twin import entrance_offsets
+from benchmarks.autoscale_twin import TwinSetup, entrance_offsets, live_at_slo, workload_of
 from cluster.sim.metrics import ServeMetrics, ServeMetricsConfig, Snapshot
+from cluster.sim.workloads import arrivals
 
 
 def test_entrance_offsets_from_polls_of_the_controller() -> None:
@@ -33,3 +38,23 @@ def test_simulated_entrance_records_and_pushes_at_the_offsets_given() -> None:
     times = [t for t, _ in entrance.raw["arrived"][0]]
     assert times == [5.0, 11.0, 17.0, 23.0, 29.0]  # ticks at or after 4.6 + 6k, as pushed at 33 (at or after 2.4 + 10k)
     assert metrics.handles[0].next_record == drawn.handles[0].next_record  # the other sources keep their phases
+
+
+def test_a_stored_run_at_another_slo_from_its_latencies() -> None:
+    setup = TwinSetup()
+    times = arrivals(workload_of("step", setup, 60.0), 300.0, 0)
+    # 1.5 s everywhere but 3 s for the requests arriving in [60, 100) s, one of them never answered.
+    latency = np.where((times >= 60) & (times < 100), 3000.0, 1500.0)
+    stored = [None if k == int(np.argmax(times >= 70)) else float(v) for k, v in enumerate(latency)]
+    report = {
+        "setup": {**asdict(setup), "slo_ms": 2400.0, "duration_s": 300.0, "change_s": 60.0, "seed": 0},
+        "runs": {"step/coordinated": {"live": {"latency_ms": stored, "recovery_s": 40.0, "slo_attainment": 0.9}}},
+    }
+    live_at_slo(report, 3600.0)
+    run = report["runs"]["step/coordinated"]["live"]
+    assert run["recovery_s"] == pytest.approx(20.0)  # only [70, 80) s is over: the one never answered
+    assert run["slo_attainment"] == pytest.approx(1 - 1 / len(times))
+    assert report["setup"]["slo_ms"] == 3600.0 and report["setup"]["slo_ms_measured"] == 2400.0
+    live_at_slo(report, 2400.0)
+    assert report["runs"]["step/coordinated"]["live"]["recovery_s"] == pytest.approx(40.0)
+    assert report["setup"]["slo_ms_measured"] == 2400.0  # what the run was measured at stays
