@@ -536,7 +536,7 @@ def live_at_slo(report: dict[str, Any], slo_ms: float, window_s: float = 10.0) -
     """Each live run's SLO attainment and recovery of ``report`` again at ``slo_ms``, from its latencies and
     the workload's arrivals (the live runs are the same: neither policy reads the SLO)."""
     from cluster.sim.engine import SimResult
-    from cluster.sim.report import recovery_s
+    from cluster.sim.report import summarize
     from cluster.sim.workloads import arrivals
 
     stored, setup = report["setup"], setup_of(report)
@@ -548,9 +548,8 @@ def live_at_slo(report: dict[str, Any], slo_ms: float, window_s: float = 10.0) -
         latency = np.asarray([math.inf if v is None else v for v in run["live"]["latency_ms"]])
         empty = np.zeros((0, len(stored["ms_per_sample"])), dtype=int)
         result = SimResult(times, times + latency / 1e3, np.zeros(0), empty, empty, 0.0, 0.0, 0, stored["duration_s"])
-        step_s = stored["change_s"] if kind == "step" else None
-        run["live"]["slo_attainment"] = float(np.mean(latency <= slo_ms))
-        run["live"]["recovery_s"] = None if step_s is None else recovery_s(result, slo_ms, step_s, window_s)
+        again = summarize(result, slo_ms, stored["change_s"] if kind == "step" else None, window_s)
+        run["live"].update({k: again[k] for k in ("slo_attainment", "recovery_s")})
     stored.setdefault("slo_ms_measured", stored["slo_ms"])
     stored["slo_ms"] = slo_ms
 
