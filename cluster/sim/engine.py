@@ -8,7 +8,7 @@ after it is ready, while the others work off their own queues. With ``shared`` r
 queue that every free replica takes from. A free replica takes up to ``max_batch_size`` queued samples and
 holds them for ``fixed_ms + per_sample_ms * n`` (times Gamma noise with ``service_cv``), then hands the batch
 on. A new replica serves after ``startup_s``, or, with ``startup_slots``, after ``startup_s`` of progress
-shared with the other replicas starting at the same time (:func:`startup_rate`); a stopped replica finishes
+shared with the other replicas starting at the same time (:mod:`cluster.sim.startup`); a stopped replica finishes
 what it holds first. Every
 ``tick_s`` a controller gets a :class:`~cluster.sim.metrics.Snapshot` (the exact state; what a policy may see
 of it is the controller's metrics model, :mod:`cluster.sim.metrics`) and sets each stage's replicas; replicas
@@ -30,6 +30,7 @@ import numpy as np
 
 from cluster.errors import check
 from cluster.sim.metrics import ReplicaSnapshot, Snapshot, StageSnapshot
+from cluster.sim.startup import startup_rate
 
 _DONE, _READY = 0, 1
 ROUTINGS = ("replicas", "shared")
@@ -92,13 +93,6 @@ def with_initial_replicas(
         )
         for s, n in zip(stages, counts)
     ]
-
-
-def startup_rate(starting: int, slots: float) -> float:
-    """Progress per second of each of ``starting`` replica start-ups that share ``slots`` (the cores, or the
-    link their weights come over, of one machine; 0: no limit): each gets an equal share, at most one slot.
-    A start-up that needs ``startup_s`` alone takes ``startup_s * starting / slots`` among more than ``slots``."""
-    return 1.0 if slots <= 0 or starting <= slots else slots / starting
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cluster.policy import PolicyConfig
-from cluster.sim.engine import SimConfig, StageModel, simulate, startup_rate, with_initial_replicas
+from cluster.sim.engine import SimConfig, StageModel, simulate, with_initial_replicas
 from cluster.sim.metrics import (
     ReplicaSnapshot,
     ServeMetrics,
@@ -30,6 +30,7 @@ from cluster.sim.policies import (
     whole_model,
 )
 from cluster.sim.report import summarize
+from cluster.sim.startup import fit_startup_s, shared_startups_s, startup_rate
 from cluster.sim.workloads import Workload, arrivals
 
 SLO_MS = 1200.0
@@ -126,6 +127,41 @@ def test_replicas_starting_together_share_the_slots() -> None:
     assert together[23:26] == [1, 1, 7]  # ticks at 11.5, 12.0 (before the start-ups' end), 12.5
     assert ready_at({0: 7}, 0.0)[8:10] == [1, 7]  # 4.0, 4.5
     assert ready_at({0: 7, 3: 4}, 2.0)[15:17] == [1, 4]  # 7.5, 8.0
+
+
+@given(
+    st.lists(st.floats(0.0, 60.0), min_size=1, max_size=12),
+    st.floats(0.5, 20.0),
+    st.sampled_from([0.0, 1.0, 2.0, 3.0]),
+)
+def test_shared_startups_take_at_least_one_alone_and_share_the_slots(
+    begins: list[float], alone: float, slots: float
+) -> None:
+    took = shared_startups_s(begins, alone, slots)
+    assert all(t >= alone - 1e-6 for t in took)
+    if slots == 0 or len(begins) <= slots:
+        assert took == pytest.approx([alone] * len(begins))
+    if len(set(begins)) == 1 and slots and len(begins) > slots:  # together: each the slots' share
+        assert took == pytest.approx([alone * len(begins) / slots] * len(begins))
+
+
+@given(st.lists(st.floats(0.0, 60.0), min_size=1, max_size=12), st.floats(1.0, 15.0), st.sampled_from([1.0, 2.0]))
+def test_the_start_up_alone_is_found_again_from_the_start_ups_it_made(
+    begins: list[float], alone: float, slots: float
+) -> None:
+    assert fit_startup_s(begins, shared_startups_s(begins, alone, slots), slots) == pytest.approx(alone, abs=0.05)
+
+
+def test_the_simulator_starts_replicas_as_the_start_up_model_says() -> None:
+    """Three start-ups at 0 s and three more at 2 s on 2 slots, 4 s each alone: the simulator's replicas are
+    ready when :func:`shared_startups_s` says (to its 0.5 s ticks)."""
+    stage = StageModel("s", fixed_ms=0.0, per_sample_ms=1.0, max_batch_size=1, min_replicas=1, max_replicas=8)
+    config = SimConfig(startup_s=4.0, startup_slots=2.0, tick_s=0.5)
+    ready = simulate([stage], np.zeros(0), Targets({0: 4, 2: 7}), 30.0, config).ready[:, 0]
+    begins = [0.0] * 3 + [2.0] * 3
+    ends = sorted(b + t for b, t in zip(begins, shared_startups_s(begins, 4.0, 2.0)))
+    expected = [1 + sum(e <= k * 0.5 for e in ends) for k in range(len(ready))]
+    assert ready.tolist() == expected
 
 
 def test_same_seed_same_run() -> None:
