@@ -17,10 +17,13 @@ with its default ``target_ongoing_requests`` (2). Arrivals are the simulator's (
 arrivals`, same workload and seed), sent open-loop through the application's handle; replicas per stage are
 polled every second. Each run reports what ``partserve simulate`` reports (:func:`cluster.sim.report.
 summarize`: p50/p99, SLO attainment, replica-seconds, recovery after the step) plus the rolling p99, the
-replicas over time and the latencies, and what it measured of the machine: replica start-up, each stage's
-replica time per request, time in transit, and when the entrance records and pushes its metrics. The
-simulator then runs the same workload with those, under the same observation model (``serve``) and delays,
-at ``--phases`` draws of the other metric sources' phases (the median is compared with live). The JSON is
+replicas over time and the latencies, and what it measured of the machine: each replica start-up (when its
+target rose, when it ran), each stage's replica time per request, time in transit, when the entrance records
+and pushes its metrics, and each stage's ongoing requests as Serve's controller aggregated them from the
+handles (what Ray's default policy reads). The simulator then runs the same workload with those, under the
+same observation model (``serve``) and delays, its start-ups sharing the machine's cores with one start-up
+alone fitted to the run's (:func:`cluster.sim.startup.fit_startup_s`), at ``--phases`` draws of the other
+metric sources' phases (the median is compared with live). The JSON is
 written after every live run; stop a run with
 SIGTERM (Ray's driver handler turns it into an exit that stops the local Ray).
 """
@@ -47,6 +50,7 @@ import torch
 from torch import nn
 
 from cluster.policy import PolicyConfig
+from cluster.sim.startup import fit_startup_s
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "twin"
@@ -118,6 +122,13 @@ class TwinSetup:
     metrics_interval_s: float = 10.0
     look_back_period_s: float = 30.0
     """Serve's defaults; the tests shorten them."""
+    by_value_max_bytes: int | None = 0
+    """The application's ``by_value_max_bytes`` (:mod:`serve_app.transport`). 0: every batch by reference,
+    stage to stage through the object store, as a real model's activations travel (megabytes, over the
+    application's by-value bound) and as runs 1-19 and 28 on ran. None: the application's default, by which
+    the twin's 128-byte batches go by value, each stage's output back through the entrance to the next (runs
+    20-27): on 2 shared cores the entrance's relaying raised the settled p99 by 1-2 s, which the simulator
+    (a fixed time in transit) does not carry."""
 
     @property
     def request_ms(self) -> list[float]:
@@ -150,6 +161,9 @@ class Timeline:
 
     service_ms: list[float | None] = field(default_factory=list)
     """Each stage's replica time per request at the end of the run (:func:`measured_service_ms`)."""
+    handle_totals: list[list[float | None]] = field(default_factory=list)
+    """Per poll, each stage's ongoing requests as Serve's controller aggregates them from the handles (what its
+    default policy divides by ``target_ongoing_requests``; :func:`serve_app.ray_internals.handle_totals`)."""
     entrance_points: list[tuple[float, float]] = field(default_factory=list)
     """(poll, the newest entrance record Serve's controller held then), seconds since the run began: when the
     entrance records and pushes its metrics (:func:`entrance_offsets`)."""
@@ -161,9 +175,10 @@ class Timeline:
         keep = t[:-1] < until_s
         return float(np.sum(n[keep] * np.diff(np.minimum(t, until_s))[keep]))
 
-    def startup_s(self) -> float | None:
-        """Median time from a target's rise to the replicas it added running (None: no rise seen)."""
-        waits = []
+    def startups(self) -> list[tuple[int, float, float]]:
+        """Each replica start-up seen: (stage, when its target rose, s; how long until it ran, s). A stage's
+        first replica (started with the application) and a rise undone before its replica ran are left out."""
+        out = []
         for k in range(len(self.target[0]) if self.target else 0):
             rose: dict[int, float] = {}
             for t, tg, run in zip(self.times_s, (x[k] for x in self.target), (x[k] for x in self.running)):
@@ -172,9 +187,14 @@ class Timeline:
                 for level in [lv for lv in rose if lv <= run]:
                     start = rose.pop(level)
                     if level > 1 and t > start:
-                        waits.append(t - start)
+                        out.append((k, start, t - start))
                 for level in [lv for lv in rose if lv > tg]:
                     rose.pop(level)  # the target fell before this replica ran
+        return out
+
+    def startup_s(self) -> float | None:
+        """Median time from a target's rise to the replica it added running (None: no rise seen)."""
+        waits = [took for _, _, took in self.startups()]
         return statistics.median(waits) if waits else None
 
 
@@ -216,7 +236,7 @@ class Poller:
 
     def _run(self) -> None:
         from serve_app.names import ARRIVED_METRIC, ENTRANCE
-        from serve_app.ray_internals import replica_metrics, serve_details
+        from serve_app.ray_internals import handle_totals, replica_metrics, serve_details
 
         while not self.stop.is_set():
             details = serve_details()
@@ -229,6 +249,7 @@ class Poller:
                 if all(s in deployments for s in self.stages):
                     d = [deployments[s] for s in self.stages]
                     self.timeline.times_s.append(now)
+                    self.timeline.handle_totals.append(handle_totals(APP, self.stages))
                     self.timeline.running.append([sum(r.state == "RUNNING" for r in x.replicas) for x in d])
                     self.timeline.target.append([x.target_num_replicas for x in d])
                     self.timeline.alive.append(
@@ -297,6 +318,8 @@ def app_args(setup: TwinSetup) -> dict[str, Any]:
     }
     if "request_timeout_s" in AppArgs.model_fields:
         args["request_timeout_s"] = 900.0
+    if setup.by_value_max_bytes is not None:
+        args["by_value_max_bytes"] = setup.by_value_max_bytes
     return args
 
 
@@ -609,6 +632,7 @@ def compare(
             local.stop()
     waits = [w for t in timelines.values() if (w := t.startup_s()) is not None]
     report["setup"].update(
+        machine_cores=os.cpu_count() or 1,
         startup_s_measured=statistics.median(waits) if waits else 10.0,
         duration_s=duration_s,
         change_s=change_s,
@@ -630,7 +654,7 @@ def compare(
             "transit_ms": transit_ms(live["latency_ms"], service),
             "entrance_offsets_s": offsets,
         }
-    return simulate_runs(report, setup, routing, progress, phases=phases)
+    return simulate_runs(report, setup, routing, progress, report["setup"]["machine_cores"], phases)
 
 
 def simulate_runs(
@@ -650,13 +674,13 @@ def simulate_runs(
     one draw that nobody measures. ``sim`` holds seed 0's figures and ``sim_phases`` each seed's recovery,
     replica-seconds and attainment; ``sim_vs_live`` compares the median over the phases (a recovery that
     never comes counts as the longest) and says whether the live recovery lies within the phases' range. The
-    entrance's phase is the one measured on the live run (``sim_parameters["entrance_offsets_s"]``), or
+    entrance's phase is the one measured on the live run (``sim_parameters["entrance_offsets_s"]``), else
     ``entrance_offsets_s`` where given (a run recorded before it was measured); drawn like the others without.
 
-    With ``startup_slots`` the start-ups share the machine: one start-up alone is fitted per workload so that
-    the simulated Ray default run starts its replicas in the median time its live run measured
-    (:func:`fit_startup_s`), and both policies run with it; the coordinated run's simulated start-up is then
-    a prediction to hold against its live one."""
+    ``startup_slots``: the simulated start-ups share that many slots (the live machine's cores; 0: each takes
+    the run's median start-up). One start-up alone is then fitted to each live run's own start-ups, when its
+    targets rose and when the replicas ran (:func:`cluster.sim.startup.fit_startup_s`): on 2 cores a burst of
+    seven took about three times as long as one start-up alone, live, which the median alone does not carry."""
     from cluster.sim.workloads import arrivals
 
     duration_s, change_s, seed = (report["setup"][k] for k in ("duration_s", "change_s", "seed"))
@@ -664,36 +688,26 @@ def simulate_runs(
 
     def sim(kind: str, policy: str, par: dict[str, Any], startup_s: float, phase: int = 0) -> Any:
         times = arrivals(workload_of(kind, setup, change_s), duration_s, seed)
-        offsets = entrance_offsets_s or par.get("entrance_offsets_s")
+        offsets = par.get("entrance_offsets_s") or entrance_offsets_s
         return run_sim(
             specs, setup, policy, times, duration_s, startup_s, par["service_ms"], par["transit_ms"], routing,
             startup_slots, phase, None if offsets is None else (offsets[0], offsets[1]),
         )  # fmt: skip
 
-    alone: dict[str, float] = {}
-    if startup_slots > 0:
-        for key, run in report["runs"].items():
-            kind, policy = key.split("/")
-            if policy == "ray-default":
-                step = change_s if kind == "step" else None
-                alone[kind] = fit_startup_s(
-                    lambda w, kind=kind, run=run, step=step: figures(
-                        sim(kind, "ray-default", run["sim_parameters"], w), setup, step
-                    )["startup_s"],
-                    run["sim_parameters"]["startup_s"],  # the live run's
-                )
-                progress(f"{kind}: one start-up alone {alone[kind]:.1f} s on {startup_slots:g} slots (from {key})")
     for key, run in report["runs"].items():
         kind, policy = key.split("/")
         par = run["sim_parameters"]
         step = change_s if kind == "step" else None
-        startup_s = alone.get(kind, par["startup_s"])
+        startup_s = par["startup_s"]
+        alone = None
+        if startup_slots > 0 and (begun := Timeline(**run["live"]["timeline"]).startups()):
+            startup_s = alone = fit_startup_s([b for _, b, _ in begun], [w for _, _, w in begun], startup_slots)
         each = [figures(sim(kind, policy, par, startup_s, k), setup, step) for k in range(phases)]
         run["sim"] = {
             **each[0],
             "routing": routing,
             "startup_slots": startup_slots,
-            "startup_alone_s": alone.get(kind) if startup_slots > 0 else None,
+            "startup_alone_s": alone,
         }
         compared = ("recovery_s", "replica_seconds", "slo_attainment", "startup_s")
         run["sim_phases"] = {k: [f[k] for f in each] for k in compared}
@@ -708,18 +722,53 @@ def simulate_runs(
     return report
 
 
-def fit_startup_s(simulated: Callable[[float], float | None], measured_s: float, rounds: int = 12) -> float:
-    """The start-up alone (s) at which ``simulated(startup_s)`` (the median start-up a run shows) comes
-    closest to ``measured_s``: bisection between 0.1 s and ``measured_s`` (sharing only lengthens it)."""
-    lo, hi = 0.1, measured_s
-    for _ in range(rounds):
-        mid = (lo + hi) / 2
-        got = simulated(mid)
-        if got is not None and got > measured_s:
-            hi = mid
-        else:
-            lo = mid
-    return (lo + hi) / 2
+def pooled(reports: list[dict[str, Any]], bound: float = 0.25) -> dict[str, Any]:
+    """The step runs of many simulated reports (:func:`simulate_runs`) taken together, per policy:
+    the live recoveries against every phase's simulated one (median and mean; a recovery that never came
+    counts as the run's length after the change), the runs where the simulator's median is within ``bound`` of
+    live on recovery and replica-seconds, and the live runs within ``bound`` of their own median (how far
+    one live run stands in for another); and across policies, the runs where the coordinated policy was back
+    under the SLO sooner, as soon or later than Ray's default, and where it spent fewer replica-seconds."""
+    out: dict[str, Any] = {"runs": len(reports)}
+    live_by: dict[str, dict[int, tuple[float, float]]] = {}
+    """Per policy, by report: (live recovery, s; live replica-seconds)."""
+    for policy in ("coordinated", "ray-default"):
+        live, sim, close = [], [], []
+        for k, report in enumerate(reports):
+            run = report["runs"].get(f"step/{policy}")
+            if run is None:
+                continue
+            never = report["setup"]["duration_s"] - report["setup"]["change_s"]
+            recovery = never if run["live"]["recovery_s"] is None else run["live"]["recovery_s"]
+            live_by.setdefault(policy, {})[k] = (recovery, run["live"]["replica_seconds"])
+            live.append(recovery)
+            sim += [never if v is None else v for v in run["sim_phases"]["recovery_s"]]
+            versus = run["sim_vs_live"]
+            close.append(
+                versus["recovery_s"] is not None
+                and abs(versus["recovery_s"]) <= bound
+                and abs(versus["replica_seconds"]) <= bound
+            )
+        if not live:
+            continue
+        own = statistics.median(live)
+        out[policy] = {
+            "runs": len(live),
+            "live_recovery_s": {"median": own, "mean": statistics.mean(live)},
+            "sim_recovery_s": {"median": statistics.median(sim), "mean": statistics.mean(sim)},
+            "runs_sim_within": sum(close),
+            "live_runs_within_own_median": sum(abs(v - own) <= bound * own for v in live),
+        }
+    both = sorted(set(live_by.get("coordinated", {})) & set(live_by.get("ray-default", {})))
+    pairs = [(live_by["coordinated"][k], live_by["ray-default"][k]) for k in both]
+    out["coordinated_vs_ray_default"] = {
+        "runs": len(pairs),
+        "sooner": sum(c[0] < d[0] for c, d in pairs),
+        "as_soon": sum(c[0] == d[0] for c, d in pairs),
+        "later": sum(c[0] > d[0] for c, d in pairs),
+        "fewer_replica_seconds": sum(c[1] < d[1] for c, d in pairs),
+    }
+    return out
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -810,13 +859,22 @@ def main() -> None:
         f"{TwinSetup.rate_noise_sigmas}). With --resimulate, as with --max-starting: a what-if on the stored runs.",
     )
     parser.add_argument("--max-starting", type=int, help="The coordinated policy's start-up limit (default: none).")
+    parser.add_argument(
+        "--by-value-max-bytes",
+        type=int,
+        default=TwinSetup.by_value_max_bytes,
+        help="The application's by_value_max_bytes (default 0: every batch by reference; -1: the application's "
+        "own default).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON report.")
     parser.add_argument("--plot", type=Path, help="PNG: replicas and p99 over time, live and simulated.")
     parser.add_argument(
         "--resimulate",
         type=Path,
-        help="JSON report of earlier live runs: run only the simulator on their measured parameters.",
+        nargs="+",
+        help="JSON reports of earlier live runs: run only the simulator on their measured parameters; with several, "
+        "also their figures taken together (pooled; --out writes those).",
     )
     parser.add_argument("--routing", default="replicas", help="The simulator's routing: replicas or shared.")
     parser.add_argument(
@@ -828,14 +886,13 @@ def main() -> None:
     parser.add_argument(
         "--entrance-offsets-s",
         help="With --resimulate: the entrance's first record and first push (s after the load began), e.g. 4.6,2.4, "
-        "for runs recorded before they were measured.",
+        "for runs recorded before they were measured (a run's own, where measured, comes first).",
     )
     parser.add_argument(
         "--startup-slots",
         type=float,
-        default=0.0,
-        help="With --resimulate: start-ups share this many slots (the live machine's cores); one start-up alone "
-        "is fitted to Ray default's measured start-up.",
+        help="With --resimulate: simulated start-ups share this many slots (default: the live machine's cores, "
+        "recorded since run 26; 0: every start-up takes its run's median).",
     )
     a = parser.parse_args()
     setup = replace(
@@ -846,20 +903,34 @@ def main() -> None:
         slo_ms=TwinSetup.slo_ms if a.slo_ms is None else a.slo_ms,
         target_utilisation=a.target_utilisation,
         max_starting=a.max_starting,
+        by_value_max_bytes=None if a.by_value_max_bytes < 0 else a.by_value_max_bytes,
     )
     what_if = {
         k: v for k, v in (("rate_noise_sigmas", a.rate_noise_sigmas), ("max_starting", a.max_starting)) if v is not None
     }
     setup = replace(setup, **what_if)
     if a.resimulate is not None:
-        report = json.loads(a.resimulate.read_text())
-        if a.slo_ms is not None:
-            live_at_slo(report, a.slo_ms)
-        setup = replace(setup_of(report), **what_if)  # the same runs' parameters under the policy settings given
         offsets = None if a.entrance_offsets_s is None else tuple(float(v) for v in a.entrance_offsets_s.split(","))
-        report = simulate_runs(
-            report, setup, a.routing, startup_slots=a.startup_slots, phases=a.phases, entrance_offsets_s=offsets
-        )
+        reports = []
+        for path in a.resimulate:
+            report = json.loads(path.read_text())
+            if a.slo_ms is not None:
+                live_at_slo(report, a.slo_ms)
+            setup = replace(setup_of(report), **what_if)  # the same runs' parameters under the policy settings given
+            slots = report["setup"].get("machine_cores") if a.startup_slots is None else a.startup_slots
+            if slots is None:
+                raise SystemExit(f"{path} does not record its machine's cores: pass --startup-slots")
+            report = simulate_runs(
+                report, setup, a.routing, startup_slots=slots, phases=a.phases, entrance_offsets_s=offsets
+            )
+            reports.append(report)
+        if len(reports) > 1:  # recovery after the step, so the step runs
+            together = pooled([r for r in reports if any(key.startswith("step/") for key in r["runs"])])
+            print(f"step runs of {len(reports)} reports taken together: {json.dumps(together)}")
+            if a.out is not None:
+                a.out.write_text(json.dumps(together, indent=1))
+            return
+        report = reports[0]
     else:
         report = compare(
             setup,

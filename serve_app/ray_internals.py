@@ -116,6 +116,27 @@ def alive_actor_nodes(name_prefix: str) -> dict[str, str]:
     return {a["Name"]: a["Address"]["NodeID"] for a in alive if a["Name"].startswith(name_prefix)}
 
 
+def handle_totals(app: str, deployments: list[str]) -> list[float | None]:
+    """Each deployment's ongoing requests as Serve's controller aggregates them from the handles' pushes (the
+    ``total_num_requests`` its default policy divides by ``target_ongoing_requests``;
+    ``ServeController._get_total_num_requests_for_deployment_for_testing``); None for a deployment the
+    controller keeps no autoscaling state for. The live twin polls it to compare with the simulator's view."""
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return [None] * len(deployments)
+    out: list[float | None] = []
+    for name in deployments:
+        ask = client._controller._get_total_num_requests_for_deployment_for_testing
+        try:
+            out.append(float(ray.get(ask.remote(DeploymentID(name, app)))))
+        except KeyError:  # as in replica_metrics
+            out.append(None)
+    return out
+
+
 def replica_metrics(app: str, deployment: str) -> dict[str, list[list[tuple[float, float]]]]:
     """What Serve's controller holds of a deployment's replica-recorded autoscaling metrics (the custom ones of
     ``record_autoscaling_stats``): ``{name: one series of (epoch s, value) per running replica}``, the points

@@ -116,6 +116,11 @@ def test_each_policy_scales_every_stage_up_then_down(served: Served, policy: str
     assert set(report) >= REPORT_FIELDS, sorted(REPORT_FIELDS - set(report))
     assert report["requests"] == len(times) and report["replica_seconds"] > 0
     assert len(report["replicas_over_time"]) == len(report["p99_over_time"])
+    # each stage's ongoing requests as Serve's controller aggregates them from the handles
+    # (ray_internals.handle_totals): kept for every stage under either policy, above 0 under the load
+    totals = np.asarray(timeline.handle_totals, dtype=float)
+    assert totals.shape == (len(timeline.times_s), len(STAGES)) and not np.isnan(totals).any()
+    assert all(totals.max(axis=0) > 0), f"{policy}: a stage's handle total never rose: {totals.max(axis=0)}"
     # the entrance's newest record as Serve's controller held it at each poll (ray_internals.replica_metrics):
     # only where the entrance has an autoscaling_config, as the coordinated policy's deployment gives it
     points = timeline.entrance_points
