@@ -54,10 +54,16 @@ def stop_signals_held() -> Iterator[None]:
 def serve_details() -> ServeInstanceDetails | None:
     """What ``serve status`` and the dashboard show (applications, deployments, replicas with actor names and
     pids), from the connected cluster's Serve controller; None when no controller runs."""
+    client = _serve_client()
+    return None if client is None else ServeInstanceDetails(**client.get_serve_details())
+
+
+def _serve_client() -> Any:
+    """The connected cluster's Serve client (its ``_controller`` is the controller's actor handle); None when no
+    controller runs."""
     from ray.serve.context import _get_global_client
 
-    client = _get_global_client(raise_if_no_controller_running=False)
-    return None if client is None else ServeInstanceDetails(**client.get_serve_details())
+    return _get_global_client(raise_if_no_controller_running=False)
 
 
 def deploy_apps(config: dict[str, Any]) -> list[str]:
@@ -122,16 +128,16 @@ def handle_totals(app: str, deployments: list[str]) -> list[float | None]:
     ``ServeController._get_total_num_requests_for_deployment_for_testing``); None for a deployment the
     controller keeps no autoscaling state for. The live twin polls it to compare with the simulator's view."""
     from ray.serve._private.common import DeploymentID
-    from ray.serve.context import _get_global_client
 
-    client = _get_global_client(raise_if_no_controller_running=False)
+    client = _serve_client()
     if client is None:
         return [None] * len(deployments)
+    ask = client._controller._get_total_num_requests_for_deployment_for_testing
+    asked = [ask.remote(DeploymentID(name, app)) for name in deployments]  # all at once, answered in turn
     out: list[float | None] = []
-    for name in deployments:
-        ask = client._controller._get_total_num_requests_for_deployment_for_testing
+    for ref in asked:
         try:
-            out.append(float(ray.get(ask.remote(DeploymentID(name, app)))))
+            out.append(float(ray.get(ref)))
         except KeyError:  # as in replica_metrics
             out.append(None)
     return out
@@ -144,9 +150,8 @@ def replica_metrics(app: str, deployment: str) -> dict[str, list[list[tuple[floa
     The live twin reads from it when the entrance records and pushes, to simulate with the same phases. Empty
     for a deployment without an ``autoscaling_config`` (the controller keeps no autoscaling state for it)."""
     from ray.serve._private.common import DeploymentID
-    from ray.serve.context import _get_global_client
 
-    client = _get_global_client(raise_if_no_controller_running=False)
+    client = _serve_client()
     if client is None:
         return {}
     try:
